@@ -1,0 +1,1 @@
+"""Offline data step: image folders -> audited, patient-level, reproducible TFRecord splits."""
