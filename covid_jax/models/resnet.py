@@ -1,0 +1,68 @@
+"""ResNet50 (v1) without its classifier top, layer for layer as keras.applications.ResNet50 builds it.
+
+This is Keras's variant, not torchvision's: the stride sits on the 1x1 convolutions
+(`_1_conv`, `_0_conv`), every convolution has a bias, and the stem pads explicitly.
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# (bottleneck filters, blocks, stride of the first block) of stages conv2 .. conv5.
+STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
+
+# Keras BatchNormalization settings of this model (Flax's default epsilon differs).
+BN_EPSILON = 1.001e-5
+BN_MOMENTUM = 0.99
+
+
+def _pad(x: jax.Array, pad: int) -> jax.Array:
+  """Keras ZeroPadding2D on NHWC."""
+  return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+
+def _block(x: jax.Array, conv: Callable[..., nn.Module], norm: Callable[..., nn.Module], filters: int,
+           stride: int, project: bool, name: str) -> jax.Array:
+  """Keras `residual_block_v1`: 1x1 (strided) -> 3x3 -> 1x1 bottleneck plus a shortcut."""
+  shortcut = x
+  if project:
+    shortcut = conv(4 * filters, (1, 1), strides=stride, padding='VALID', name=f'{name}_0_conv')(x)
+    shortcut = norm(name=f'{name}_0_bn')(shortcut)
+  x = conv(filters, (1, 1), strides=stride, padding='VALID', name=f'{name}_1_conv')(x)
+  x = nn.relu(norm(name=f'{name}_1_bn')(x))
+  x = conv(filters, (3, 3), padding='SAME', name=f'{name}_2_conv')(x)
+  x = nn.relu(norm(name=f'{name}_2_bn')(x))
+  x = conv(4 * filters, (1, 1), padding='VALID', name=f'{name}_3_conv')(x)
+  x = norm(name=f'{name}_3_bn')(x)
+  return nn.relu(shortcut + x)
+
+
+class ResNet50(nn.Module):
+  """Keras ResNet50 with include_top=False: returns the `conv5_block3_out` feature map.
+
+  Submodules carry the Keras layer names (`conv1_conv`, `conv{stage}_block{n}_{0..3}_{conv,bn}`)
+  so the weight port is the identity map on names.
+  """
+
+  dtype: Any = jnp.float32  # Computation dtype; parameters stay float32.
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    conv = functools.partial(nn.Conv, dtype=self.dtype, param_dtype=jnp.float32)
+    norm = functools.partial(
+        nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+        use_fast_variance=False, dtype=self.dtype, param_dtype=jnp.float32)
+    x = _pad(x, 3)  # conv1_pad
+    x = conv(64, (7, 7), strides=2, padding='VALID', name='conv1_conv')(x)
+    x = nn.relu(norm(name='conv1_bn')(x))
+    # pool1_pad pads with zeros; after the ReLU that equals padding with -inf.
+    x = nn.max_pool(_pad(x, 1), (3, 3), strides=(2, 2), padding='VALID')
+    for stage, (filters, blocks, stride) in enumerate(STAGES, start=2):
+      for n in range(1, blocks + 1):
+        first = n == 1
+        x = _block(x, conv, norm, filters, stride if first else 1, project=first, name=f'conv{stage}_block{n}')
+    return x
