@@ -1,0 +1,275 @@
+"""Image folders -> audited, patient-level, reproducible TFRecord splits + manifest.json.
+
+    python -m data_prep.build --source_dir DATA/DATA --data_dir OUT [--seed 0] [--image_size 224]
+
+Every file under the source directory ends up exactly once in the manifest, as a
+split example or as a rejection with its reason. Patients and duplicate groups
+never cross splits. The output appears atomically: an interrupted build leaves
+only a hidden temporary directory beside OUT.
+"""
+
+import collections
+import concurrent.futures
+import json
+import os
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import app, flags, logging
+from tqdm import tqdm
+
+from data_prep import duplicates, images, patients, split
+from data_prep.tfds_builder import CLASS_NAMES, VERSION, CovidXray
+
+_SYSTEM_FILES = {'thumbs.db', 'desktop.ini', '.ds_store'}
+_SYSTEM_DIRS = {'__macosx'}
+
+
+class BuildError(Exception):
+  """A problem with the input that stops the build; the message names the file or folder."""
+
+
+def parse_label_map(text: str) -> dict[str, int]:
+  """'NORMAL=0,COVID=1' -> {'NORMAL': 0, 'COVID': 1}; labels must be 0 and 1."""
+  mapping = {}
+  for item in filter(None, (part.strip() for part in text.split(','))):
+    folder, _, label = item.partition('=')
+    if not folder or label not in ('0', '1'):
+      raise BuildError(f'--label_map entry {item!r} is not FOLDER=0 or FOLDER=1')
+    mapping[folder] = int(label)
+  if set(mapping.values()) != {0, 1}:
+    raise BuildError(f'--label_map {text!r} must map at least one folder to each of 0 and 1')
+  return mapping
+
+
+def parse_fractions(text: str) -> dict[str, float]:
+  """'64,16,20' or '0.64,0.16,0.2' -> {'train': .64, 'val': .16, 'test': .2}."""
+  try:
+    values = np.array([float(v) for v in text.split(',')])
+  except ValueError:
+    raise BuildError(f'--split {text!r} is not three comma-separated numbers') from None
+  if len(values) != 3 or np.any(values < 0) or values.sum() <= 0:
+    raise BuildError(f'--split {text!r} needs three non-negative numbers for train,val,test')
+  return dict(zip(split.SPLITS, (values / values.sum()).round(6).tolist()))
+
+
+def scan(source_dir: Path, label_map: Mapping[str, int]) -> tuple[list[tuple[str, int]], list[dict]]:
+  """Sorted (relative path, label) candidates, and rejections for everything else under source_dir."""
+  if not source_dir.is_dir():
+    raise BuildError(f'source directory {source_dir} does not exist')
+  candidates, rejected = [], []
+  files_per_folder = collections.Counter()
+  for path in sorted(p for p in source_dir.rglob('*') if p.is_file() or p.is_symlink()):
+    rel = path.relative_to(source_dir).as_posix()
+    parts = rel.split('/')
+    if any(p.startswith('.') or p.lower() in _SYSTEM_DIRS for p in parts) or parts[-1].lower() in _SYSTEM_FILES:
+      rejected.append({'path': rel, 'reason': 'hidden or system file'})
+    elif len(parts) < 2 or parts[0] not in label_map:
+      rejected.append({'path': rel, 'reason': f'not inside a class folder ({", ".join(sorted(label_map))})'})
+    elif path.suffix.lower() not in images.IMAGE_EXTENSIONS:
+      files_per_folder[parts[0]] += 1
+      rejected.append({'path': rel, 'reason': f'not an image file extension ({path.suffix or "none"})'})
+    else:
+      files_per_folder[parts[0]] += 1
+      candidates.append((rel, label_map[parts[0]]))
+  for folder in label_map:
+    if not (source_dir / folder).is_dir():
+      raise BuildError(f'class folder {source_dir / folder} is missing (expected folders: {", ".join(label_map)})')
+    if not files_per_folder[folder]:
+      raise BuildError(f'class folder {source_dir / folder} is empty')
+  return candidates, rejected
+
+
+def _load(source_dir: Path, rel: str, image_size: int, keep_aspect: bool,
+          max_pixels: int) -> tuple[images.Decoded | None, str | None]:
+  try:
+    decoded = images.analyse((source_dir / rel).read_bytes(), max_pixels)
+  except images.Rejected as e:
+    return None, str(e)
+  except OSError as e:
+    return None, f'unreadable: {e.strerror or e}'
+  decoded.pixels = images.resize_for_storage(decoded.pixels, image_size, keep_aspect)
+  return decoded, None
+
+
+def plan(source_dir: Path, label_map: Mapping[str, int], fractions: Mapping[str, float], seed: int,
+         image_size: int, keep_aspect: bool = False, max_pixels: int = images.DEFAULT_MAX_PIXELS,
+         near_threshold: int = duplicates.DEFAULT_NEAR_THRESHOLD, workers: int | None = None,
+         progress: bool = True) -> tuple[dict[str, Any], dict[str, list[dict]]]:
+  """Reads, audits and splits the source folder: (manifest, examples to write per split)."""
+  candidates, rejected = scan(source_dir, label_map)
+  workers = workers or min(8, os.cpu_count() or 1)
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    loaded = list(tqdm(pool.map(lambda c: _load(source_dir, c[0], image_size, keep_aspect, max_pixels), candidates),
+                       total=len(candidates), desc='decoding', unit='img', disable=not progress, file=sys.stdout))
+  kept, decoded = [], []
+  for (rel, label), (image, reason) in zip(candidates, loaded):
+    if image is None:
+      rejected.append({'path': rel, 'reason': reason})
+    else:
+      kept.append((rel, label))
+      decoded.append(image)
+  for folder, label in label_map.items():
+    if not any(rel.split('/')[0] == folder for rel, _ in kept):
+      raise BuildError(f'class folder {source_dir / folder} has no usable image (all rejected)')
+
+  warnings = []
+  ids = [patients.patient_id(rel) for rel, _ in kept]
+  unparsed = [rel for (rel, _), pid in zip(kept, ids) if pid is None]
+  if unparsed:
+    warnings.append(f'{len(unparsed)} file names match no known patient-id pattern; each is its own patient group '
+                    f'(e.g. {unparsed[0]})')
+  ids = [pid if pid is not None else f'file:{rel}' for (rel, _), pid in zip(kept, ids)]
+  warnings += _provenance_warnings(kept)
+
+  dup_groups = duplicates.find_duplicate_groups([d.pixel_sha256 for d in decoded],
+                                                np.stack([d.perceptual_hash for d in decoded]), near_threshold)
+  groups = duplicates.UnionFind(len(kept))
+  first_of_patient: dict[str, int] = {}
+  for i, pid in enumerate(ids):
+    groups.union(first_of_patient.setdefault(pid, i), i)
+  for _, members in dup_groups:
+    for i in members[1:]:
+      groups.union(members[0], i)
+  conflicting = [m for _, m in dup_groups if len({kept[i][1] for i in m}) > 1]
+  if conflicting:
+    warnings.append(f'{len(conflicting)} duplicate groups hold images of both labels (label noise), e.g. '
+                    f'{[kept[i][0] for i in conflicting[0]]}')
+  splits = split.assign_splits(groups.groups(), [label for _, label in kept], fractions, seed)
+
+  examples = [{'path': rel, 'label': label, 'split': s, 'patient_id': pid, 'sha256': d.file_sha256}
+              for (rel, label), s, pid, d in zip(kept, splits, ids, decoded)]
+  to_write = {name: [] for name in fractions}
+  for example, d in zip(examples, decoded):
+    to_write[example['split']].append({**example, 'pixels': d.pixels})
+  manifest = {
+      'seed': seed,
+      'split_fractions': dict(fractions),
+      'image_size': image_size,
+      'keep_aspect': keep_aspect,
+      'label_map': dict(label_map),
+      'class_names': list(CLASS_NAMES),
+      'dataset_dir': f'covid_xray/{VERSION}',
+      'counts': {s: {str(c): sum(e['split'] == s and e['label'] == c for e in examples) for c in (0, 1)}
+                 for s in fractions},
+      'examples': examples,
+      'rejected': sorted(rejected, key=lambda r: r['path']),
+      'duplicate_groups': [{'kind': kind, 'paths': [kept[i][0] for i in members]} for kind, members in dup_groups],
+      'warnings': warnings,
+  }
+  return manifest, to_write
+
+
+def _provenance_warnings(kept: Sequence[tuple[str, int]]) -> list[str]:
+  """Says so when file names reveal the Kermany/Mooney paediatric pneumonia set."""
+  covid = [rel for rel, label in kept if label == 1]
+  normal = [rel for rel, label in kept if label == 0]
+  pneumonia_named = sum(patients.is_paediatric_pneumonia_name(rel) for rel in covid)
+  normal_named = sum(patients.is_paediatric_normal_name(rel) for rel in normal)
+  warnings = []
+  if pneumonia_named:
+    warnings.append(
+        f'provenance: {pneumonia_named} of {len(covid)} COVID-class (label 1) files are named like the Kermany/Mooney '
+        'paediatric pneumonia set (personN_bacteria_M / personN_virus_M): this class is most likely paediatric '
+        'bacterial/viral pneumonia, not COVID-19. Results measure pneumonia-vs-normal, not COVID detection.')
+  if normal_named:
+    warnings.append(f'provenance: {normal_named} of {len(normal)} non-COVID (label 0) files are named like the '
+                    'Kermany/Mooney paediatric NORMAL set (IM-NNNN-NNNN / NORMAL2-IM-NNNN-NNNN).')
+  return warnings
+
+
+def write(manifest: Mapping[str, Any], to_write: Mapping[str, list[dict]], data_dir: Path, overwrite: bool) -> None:
+  """Writes the TFDS dataset and manifest.json into a temporary sibling, then renames it to data_dir."""
+  data_dir = data_dir.absolute()
+  if data_dir.exists() and any(data_dir.iterdir()) and not overwrite:
+    raise BuildError(f'output directory {data_dir} already exists and is not empty; pass --overwrite to replace it')
+  data_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = data_dir.parent / f'.{data_dir.name}.incomplete-{os.getpid()}'
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    _quiet_tfds()
+    builder = CovidXray(examples=to_write, data_dir=str(tmp))
+    builder.download_and_prepare(download_dir=str(tmp / '.downloads'), download_config=_download_config())
+    shutil.rmtree(tmp / '.downloads', ignore_errors=True)
+    (tmp / 'manifest.json').write_text(json.dumps(manifest, indent=1) + '\n')
+    if data_dir.exists():
+      old = data_dir.parent / f'.{data_dir.name}.replaced-{os.getpid()}'
+      data_dir.rename(old)
+      tmp.rename(data_dir)
+      shutil.rmtree(old)
+    else:
+      tmp.rename(data_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _download_config() -> tfds.download.DownloadConfig:
+  return tfds.download.DownloadConfig(try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP)
+
+
+def _quiet_tfds() -> None:
+  """Our own progress bar and summary say what matters; TFDS's per-split bars and logs are noise here."""
+  tfds.disable_progress_bar()
+  logging.set_verbosity(logging.WARNING)
+
+
+def summary(manifest: Mapping[str, Any]) -> str:
+  """Human-readable summary: counts per split and label, rejects by reason, duplicates, warnings."""
+  lines = ['split      non_covid(0)  covid(1)  total']
+  for name, counts in manifest['counts'].items():
+    lines.append(f'{name:<10} {counts["0"]:>12}  {counts["1"]:>8}  {counts["0"] + counts["1"]:>5}')
+  reasons = collections.Counter(r['reason'] for r in manifest['rejected'])
+  lines.append(f'rejected: {len(manifest["rejected"])}')
+  lines += [f'  {n:>5}  {reason}' for reason, n in reasons.most_common()]
+  kinds = collections.Counter(g['kind'] for g in manifest['duplicate_groups'])
+  lines.append(f'duplicate groups: {len(manifest["duplicate_groups"])} '
+               f'({kinds["exact"]} exact, {kinds["near"]} near; kept within one split)')
+  lines.append(f'patients: {len({e["patient_id"] for e in manifest["examples"]})}')
+  lines += [f'WARNING: {w}' for w in manifest['warnings']]
+  return '\n'.join(lines)
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('source_dir', None, 'Folder with one sub-folder per class (Kaggle: DATA/DATA with 0/ and 1/).')
+flags.DEFINE_string('data_dir', None, 'Output folder for the TFRecord splits and manifest.json.')
+flags.DEFINE_integer('seed', 0, 'Seed of the split.')
+flags.DEFINE_integer('image_size', 224, 'Stored images are image_size x image_size.')
+flags.DEFINE_bool('keep_aspect', False, 'Pad to square instead of stretching (the study stretched).')
+flags.DEFINE_string('split', '64,16,20', 'train,val,test proportions.')
+flags.DEFINE_string('label_map', '0=0,1=1', 'Class folder -> label (0 non-COVID, 1 COVID), e.g. NORMAL=0,COVID=1.')
+flags.DEFINE_integer('max_pixels', images.DEFAULT_MAX_PIXELS, 'Larger images are rejected as decompression bombs.')
+flags.DEFINE_integer('near_duplicate_threshold', duplicates.DEFAULT_NEAR_THRESHOLD,
+                     'Max Hamming distance between 256-bit perceptual hashes of near duplicates.')
+flags.DEFINE_bool('strict', False, 'Exit non-zero (writing nothing) if any file is rejected.')
+flags.DEFINE_bool('overwrite', False, 'Replace an existing data_dir.')
+flags.mark_flags_as_required(['source_dir', 'data_dir'])
+
+
+def main(argv: Sequence[str]) -> int:
+  del argv
+  try:
+    manifest, to_write = plan(Path(FLAGS.source_dir), parse_label_map(FLAGS.label_map), parse_fractions(FLAGS.split),
+                              FLAGS.seed, FLAGS.image_size, FLAGS.keep_aspect, FLAGS.max_pixels,
+                              FLAGS.near_duplicate_threshold)
+    for warning in manifest['warnings']:
+      print(f'WARNING: {warning}')
+    if FLAGS.strict and manifest['rejected']:
+      for r in manifest['rejected']:
+        print(f'rejected: {r["path"]}: {r["reason"]}', file=sys.stderr)
+      raise BuildError(f'--strict: {len(manifest["rejected"])} files rejected; nothing written')
+    write(manifest, to_write, Path(FLAGS.data_dir), FLAGS.overwrite)
+  except BuildError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  print(summary(manifest))
+  print(f'wrote {FLAGS.data_dir} (manifest: {Path(FLAGS.data_dir) / "manifest.json"})')
+  return 0
+
+
+if __name__ == '__main__':
+  app.run(main)
