@@ -80,12 +80,16 @@ class SplitReader:
     process_splits = tfds.even_splits(split, jax.process_count())
     self.num_local_examples = builder.info.splits[process_splits[jax.process_index()]].num_examples
     self._max_local_examples = max(builder.info.splits[s].num_examples for s in process_splits)
-    dataset = builder.as_dataset(split=process_splits[jax.process_index()], shuffle_files=False,
-                                 read_config=tfds.ReadConfig(try_autocache=False))
-    dataset = dataset.map(lambda e: _decode(e, image_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    self._records = builder.as_dataset(split=process_splits[jax.process_index()], shuffle_files=False,
+                                       read_config=tfds.ReadConfig(try_autocache=False))
+    dataset = self._records.map(lambda e: _decode(e, image_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if cache if cache is not None else self._fits_in_memory():
       dataset = dataset.cache()
     self._decoded = dataset
+
+  def example_paths(self) -> list[str]:
+    """Source paths (relative, as in manifest.json) of this process's examples, in eval order."""
+    return [p.decode() for p in self._records.map(lambda e: e['path']).as_numpy_iterator()]
 
   def _fits_in_memory(self) -> bool:
     size = self.num_local_examples * self.image_size**2 * 3

@@ -235,19 +235,23 @@ def summary(manifest: Mapping[str, Any]) -> str:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('source_dir', None, 'Folder with one sub-folder per class (Kaggle: DATA/DATA with 0/ and 1/).')
-flags.DEFINE_string('data_dir', None, 'Output folder for the TFRecord splits and manifest.json.')
-flags.DEFINE_integer('seed', 0, 'Seed of the split.')
-flags.DEFINE_integer('image_size', 224, 'Stored images are image_size x image_size.')
-flags.DEFINE_bool('keep_aspect', False, 'Pad to square instead of stretching (the study stretched).')
-flags.DEFINE_string('split', '64,16,20', 'train,val,test proportions.')
-flags.DEFINE_string('label_map', '0=0,1=1', 'Class folder -> label (0 non-COVID, 1 COVID), e.g. NORMAL=0,COVID=1.')
-flags.DEFINE_integer('max_pixels', images.DEFAULT_MAX_PIXELS, 'Larger images are rejected as decompression bombs.')
-flags.DEFINE_integer('near_duplicate_threshold', duplicates.DEFAULT_NEAR_THRESHOLD,
-                     'Max Hamming distance between 256-bit perceptual hashes of near duplicates.')
-flags.DEFINE_bool('strict', False, 'Exit non-zero (writing nothing) if any file is rejected.')
-flags.DEFINE_bool('overwrite', False, 'Replace an existing data_dir.')
-flags.mark_flags_as_required(['source_dir', 'data_dir'])
+
+
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a program so that importing this module defines none."""
+  flags.DEFINE_string('source_dir', None, 'Folder with one sub-folder per class (Kaggle: DATA/DATA with 0/ and 1/).')
+  flags.DEFINE_string('data_dir', None, 'Output folder for the TFRecord splits and manifest.json.')
+  flags.DEFINE_integer('seed', 0, 'Seed of the split.')
+  flags.DEFINE_integer('image_size', 224, 'Stored images are image_size x image_size.')
+  flags.DEFINE_bool('keep_aspect', False, 'Pad to square instead of stretching (the study stretched).')
+  flags.DEFINE_string('split', '64,16,20', 'train,val,test proportions.')
+  flags.DEFINE_string('label_map', '0=0,1=1', 'Class folder -> label (0 non-COVID, 1 COVID), e.g. NORMAL=0,COVID=1.')
+  flags.DEFINE_integer('max_pixels', images.DEFAULT_MAX_PIXELS, 'Larger images are rejected as decompression bombs.')
+  flags.DEFINE_integer('near_duplicate_threshold', duplicates.DEFAULT_NEAR_THRESHOLD,
+                       'Max Hamming distance between 256-bit perceptual hashes of near duplicates.')
+  flags.DEFINE_bool('strict', False, 'Exit non-zero (writing nothing) if any file is rejected.')
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing data_dir.')
+  flags.mark_flags_as_required(['source_dir', 'data_dir'])
 
 
 def main(argv: Sequence[str]) -> int:
@@ -272,4 +276,5 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -9,3 +9,20 @@ os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 import jax  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
+
+
+import pytest  # noqa: E402
+
+from tests import fixtures  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def synthetic_source(tmp_path_factory: pytest.TempPathFactory):
+  """A 300-image synthetic set in the Kaggle layout, plus one file of every kind the build must reject."""
+  return fixtures.synthetic_source_with_bad_files(tmp_path_factory.mktemp('source'))
+
+
+@pytest.fixture(scope='session')
+def built_dataset(synthetic_source, tmp_path_factory: pytest.TempPathFactory):
+  """`synthetic_source` built at 64 px: (data_dir, manifest)."""
+  return fixtures.build_dataset(synthetic_source.root, tmp_path_factory.mktemp('built') / 'data', image_size=64)
