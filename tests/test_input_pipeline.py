@@ -1,0 +1,160 @@
+"""covid_jax.input_pipeline: exact pixels, full eval coverage, replayable training batches, sharding."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image, ImageOps
+
+from covid_jax import input_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _non_dividing_batch_size(n: int) -> int:
+  """An even batch size that leaves a partial last batch of n examples."""
+  return next(b for b in range(10, n, 2) if n % b)
+
+
+def _pil_resized(path: Path, size: int) -> np.ndarray | None:
+  """The source image resized by PIL (antialiased bilinear), RGB float; None for 16-bit sources."""
+  image = ImageOps.exif_transpose(Image.open(path))
+  if image.mode not in ('L', 'RGB'):
+    return None
+  return np.asarray(image.convert('RGB').resize((size, size), Image.Resampling.BILINEAR), np.float32)
+
+
+def _eval_examples(reader: input_pipeline.SplitReader, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  images, labels = [], []
+  for batch in reader.eval_batches(batch_size):
+    mask = np.asarray(batch['mask'])
+    images.append(np.asarray(batch['image'])[mask])
+    labels.append(np.asarray(batch['label'])[mask])
+  return np.concatenate(images), np.concatenate(labels)
+
+
+@pytest.mark.parametrize('size', [64, 48])  # The stored size, and a resize in the pipeline.
+def test_eval_images_equal_the_source_resized_by_pil(synthetic_source, built_dataset, size):
+  data_dir, manifest = built_dataset
+  reader = input_pipeline.SplitReader(data_dir, 'val', size)
+  images, labels = _eval_examples(reader, 16)
+  label_of = {e['path']: e['label'] for e in manifest['examples']}
+  compared = 0
+  for image, label, path in zip(images, labels, reader.example_paths()):
+    assert label == label_of[path]
+    want = _pil_resized(synthetic_source.root / path, size)
+    if want is not None:
+      assert image.shape == (size, size, 3) and image.dtype == np.float32
+      assert np.abs(image - want).mean() < 2.0, path
+      compared += 1
+  assert compared > 20
+
+
+def test_eval_covers_every_example_once_with_masked_padding(built_dataset):
+  data_dir, manifest = built_dataset
+  reader = input_pipeline.SplitReader(data_dir, 'val', 32)
+  n = sum(manifest['counts']['val'].values())
+  batch_size = _non_dividing_batch_size(n)
+  assert reader.num_examples == n
+  batches = list(reader.eval_batches(batch_size))
+  assert len(batches) == -(-n // batch_size)
+  assert all(b['image'].shape == (batch_size, 32, 32, 3) for b in batches)
+  masks = np.concatenate([np.asarray(b['mask']) for b in batches])
+  assert masks.sum() == n and masks[:n].all() and not masks[n:].any()
+  paths = reader.example_paths()
+  assert sorted(paths) == sorted(e['path'] for e in manifest['examples'] if e['split'] == 'val')
+  images, _ = _eval_examples(reader, batch_size)
+  direct = [tf.image.resize(tf.io.decode_png(r['image'], channels=3), (32, 32), antialias=True)
+            for r in reader._records.as_numpy_iterator()]
+  assert np.allclose(images, np.clip(np.round(np.stack(direct)), 0, 255))
+
+
+def test_training_batches_replay_exactly_for_a_seed_and_epoch(built_dataset):
+  data_dir, manifest = built_dataset
+  reader = input_pipeline.SplitReader(data_dir, 'train', 32)
+  assert reader.steps_per_epoch(16) == sum(manifest['counts']['train'].values()) // 16
+  first, again, next_epoch = (list(reader.train_epoch(16, epoch, seed=0)) for epoch in (3, 3, 4))
+  assert len(first) == reader.steps_per_epoch(16)
+  for a, b in zip(first, again):
+    assert np.array_equal(a['image'], b['image']) and np.array_equal(a['label'], b['label'])
+  assert not np.array_equal(first[0]['image'], next_epoch[0]['image'])
+  images = np.asarray(first[0]['image'])
+  assert images.dtype == np.float32 and images.min() >= 0 and images.max() <= 255
+  assert np.asarray(first[0]['mask']).all()
+
+
+def test_augmentation_is_keras_flip_and_contrast():
+  rng = np.random.default_rng(0)
+  batch = {'image': tf.constant(rng.integers(0, 256, (64, 8, 8, 3)), tf.uint8), 'label': tf.zeros([64], tf.int32)}
+  seed = tf.constant([1, 2], tf.int64)
+  flipped = _augment_np(batch, seed, flip=True, contrast=0.0)
+  source = batch['image'].numpy().astype(np.float32)
+  is_flip = [np.array_equal(f, s[:, ::-1]) for f, s in zip(flipped, source)]
+  assert all(flip or np.array_equal(f, s) for flip, f, s in zip(is_flip, flipped, source))
+  assert 10 < sum(is_flip) < 54
+  contrasted = _augment_np(batch, seed, flip=False, contrast=0.2)
+  factors = []
+  for got, image in zip(contrasted, source):
+    # tf.image.adjust_contrast is what keras.layers.RandomContrast applies, before clipping to [0, 255].
+    centred = image - image.mean(axis=(0, 1))
+    unclipped = (got > 0) & (got < 255)
+    factor = float(np.sum(((got - image.mean(axis=(0, 1))) * centred)[unclipped]) / np.sum(centred[unclipped]**2))
+    want = np.clip(tf.image.adjust_contrast(image, factor).numpy(), 0, 255)
+    assert np.allclose(got, want, atol=0.5)
+    factors.append(factor)
+  assert 0.8 <= min(factors) < 0.9 and 1.1 < max(factors) <= 1.2
+
+
+def _augment_np(batch, seed, flip, contrast):
+  return input_pipeline._augment(batch, seed, flip, contrast)['image'].numpy()
+
+
+def test_cache_serves_later_epochs_from_memory(built_dataset, tmp_path):
+  data_dir, _ = built_dataset
+  copy = tmp_path / 'data'
+  shutil.copytree(data_dir, copy)
+  reader = input_pipeline.SplitReader(copy, 'train', 32, cache=True)
+  first = list(reader.train_epoch(16, 0, seed=0))
+  for record_file in copy.rglob('*.tfrecord-*'):
+    record_file.unlink()
+  second = list(reader.train_epoch(16, 1, seed=0))
+  assert len(second) == len(first)
+
+
+def test_missing_manifest_says_how_to_build(tmp_path):
+  with pytest.raises(FileNotFoundError, match='python -m data_prep.build'):
+    input_pipeline.SplitReader(tmp_path, 'train', 32)
+
+
+def test_batches_shard_over_two_devices(built_dataset):
+  data_dir, manifest = built_dataset
+  batch_size = _non_dividing_batch_size(sum(manifest['counts']['val'].values()))
+  script = textwrap.dedent(f"""
+      import numpy as np, jax
+      from covid_jax import input_pipeline
+      assert jax.device_count() == 2
+      reader = input_pipeline.SplitReader({str(data_dir)!r}, 'val', 32)
+      batches = list(reader.eval_batches({batch_size}))
+      for b in batches:
+        shards = b['image'].addressable_shards
+        assert len(shards) == 2 and {{s.data.shape for s in shards}} == {{({batch_size // 2}, 32, 32, 3)}}
+        assert {{s.device for s in shards}} == set(jax.devices())
+      print('masked', int(sum(np.asarray(b['mask']).sum() for b in batches)))
+      train = next(iter(reader.train_epoch(8, 0, seed=0)))
+      assert train['label'].sharding.spec == jax.sharding.PartitionSpec('data')
+      try:
+        next(reader.eval_batches(7))
+      except ValueError as e:
+        print('error', e)
+  """)
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2', 'JAX_PLATFORMS': 'cpu'}
+  result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"masked {sum(manifest['counts']['val'].values())}" in result.stdout
+  assert 'error batch_size 7 must be divisible by the number of devices (2)' in result.stdout
