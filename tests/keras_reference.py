@@ -2,9 +2,11 @@
 
 from typing import Any
 
+import h5py
 import keras
 import numpy as np
 from keras.src.applications import nasnet as keras_nasnet
+from keras.src.legacy.saving import legacy_h5_format
 
 from covid_jax import models
 
@@ -40,3 +42,9 @@ def relative_error(got: Any, want: Any) -> float:
   """||got - want|| / ||want||, in float64."""
   got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
   return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def save_legacy_h5(model: keras.Model, path: str) -> None:
+  """Writes `model`'s weights in the legacy .h5 layout that keras.applications downloads."""
+  with h5py.File(path, 'w') as f:
+    legacy_h5_format.save_weights_to_hdf5_group(f, model)

@@ -4,6 +4,7 @@ Flax submodules carry their Keras layer's name, so a layer converts on its own:
 its weights, keyed by their short Keras names, decide the Flax leaves.
 """
 
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -20,9 +21,16 @@ _LEAVES = {
 }
 
 
+# Keras 1 weight names ('block1_conv1_W_1:0'), still in the VGG16 files keras.applications downloads.
+_KERAS1_NAME = re.compile(r'_(W|b)(_\d+)?$')
+_KERAS1_LEAVES = {'W': 'kernel', 'b': 'bias'}
+
+
 def short_weight_name(name: str) -> str:
-  """'block1_conv1/kernel:0' or 'a/b/kernel' -> 'kernel'."""
-  return name.split('/')[-1].split(':')[0]
+  """'block1_conv1/kernel:0', 'a/b/kernel' or Keras 1's 'block1_conv1_W_1:0' -> 'kernel'."""
+  short = name.split('/')[-1].split(':')[0]
+  keras1 = _KERAS1_NAME.search(short)
+  return _KERAS1_LEAVES[keras1.group(1)] if keras1 else short
 
 
 def depthwise_to_grouped(kernel: np.ndarray) -> np.ndarray:

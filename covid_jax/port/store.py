@@ -1,0 +1,48 @@
+"""Ported backbone weights on disk: an Orbax checkpoint of the variables plus `port_info.json`.
+
+The port script writes them once per backbone; training restores them with
+`load_ported`, which is as strict about every leaf as the port itself.
+"""
+
+import json
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from covid_jax import port
+
+VARIABLES_DIR = 'variables'
+INFO_FILE = 'port_info.json'
+
+
+def save_ported(directory: str, variables: port.Variables, info: dict[str, Any]) -> None:
+  """Writes `variables` under `directory`/variables and `info` to `directory`/port_info.json.
+
+  The JSON is written last, so a directory holding it holds a complete port.
+  Existing files of a previous port in `directory` are replaced.
+  """
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(directory, VARIABLES_DIR), variables, force=True)
+  with open(os.path.join(directory, INFO_FILE), 'w') as f:
+    json.dump(info, f, indent=2, sort_keys=True)
+
+
+def load_ported(directory: str, name: str, **overrides: Any) -> port.Variables:
+  """Restores the variables `save_ported` wrote for backbone `name` (with constructor `overrides`).
+
+  Raises FileNotFoundError (saying how to port) if there is no checkpoint, and
+  ValueError naming every missing, extra or mis-shaped leaf.
+  """
+  path = os.path.join(os.path.abspath(directory), VARIABLES_DIR)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(
+        f'No ported {name} weights at {path}. Port them first with: '
+        f'python scripts/port_keras_weights.py --model {name} --output {directory}')
+  want = port.expected_shapes(name, **overrides)
+  with ocp.StandardCheckpointer() as checkpointer:
+    stored = checkpointer.metadata(path).item_metadata.tree
+    port._check_matches(stored, want, source=f'ported checkpoint {path}')  # pylint: disable=protected-access
+    return checkpointer.restore(path, want)

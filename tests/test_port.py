@@ -1,0 +1,120 @@
+"""The Keras -> Flax port: legacy .h5 files, strictness about every leaf, and the on-disk store."""
+
+import shutil
+
+import h5py
+import jax
+import keras
+import numpy as np
+import pytest
+
+from covid_jax import port
+from covid_jax.port import store
+from tests.keras_reference import keras_backbone, randomize_batch_norm, save_legacy_h5
+
+# Weights do not depend on the input size: a small one keeps the Keras models cheap.
+SHAPE = (64, 64, 3)
+
+
+def assert_same_variables(got, want):
+  got_leaves = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(got)}
+  want_leaves = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(want)}
+  assert got_leaves.keys() == want_leaves.keys()
+  for key, value in want_leaves.items():
+    assert np.array_equal(got_leaves[key], value), key
+
+
+@pytest.fixture(scope='module')
+def resnet(tmp_path_factory):
+  """A random-weight Keras ResNet50 with random BN statistics and its legacy .h5 file."""
+  model = keras_backbone('resnet50', SHAPE)
+  randomize_batch_norm(model, seed=3)
+  path = tmp_path_factory.mktemp('h5') / 'resnet50_notop.h5'
+  save_legacy_h5(model, path)
+  return model, path
+
+
+def _edited_copy(source, tmp_path, edit):
+  path = tmp_path / 'edited.h5'
+  shutil.copy(source, path)
+  with h5py.File(path, 'r+') as f:
+    edit(f)
+  return path
+
+
+def test_from_h5_equals_from_keras(resnet):
+  model, path = resnet
+  variables = port.from_h5(str(path), 'resnet50')
+  assert_same_variables(variables, port.from_keras(model, 'resnet50'))
+  # Against Keras's own weights directly, not only through from_keras.
+  layer = model.get_layer('conv4_block3_2_bn')
+  gamma, beta, mean, var = layer.get_weights()
+  np.testing.assert_array_equal(variables['params']['conv4_block3_2_bn']['scale'], gamma)
+  np.testing.assert_array_equal(variables['batch_stats']['conv4_block3_2_bn']['var'], var)
+
+
+def test_from_h5_reads_keras1_weight_names(tmp_path):
+  """The VGG16 file keras.applications downloads still names its weights the Keras 1 way."""
+  model = keras_backbone('vgg16', SHAPE)
+  path = tmp_path / 'vgg16_keras1.h5'
+  with h5py.File(path, 'w') as f:
+    f.attrs['layer_names'] = [layer.name.encode() for layer in model.layers]
+    for layer in model.layers:
+      group = f.create_group(layer.name)
+      names = [f'{layer.name}_{short}_1:0' for short in ('W', 'b')][:len(layer.weights)]
+      group.attrs['weight_names'] = [n.encode() for n in names]
+      for name, value in zip(names, layer.get_weights()):
+        group[name] = value
+  # Keras itself loads the file (by position), so it is a faithful legacy file.
+  reloaded = keras_backbone('vgg16', SHAPE)
+  reloaded.load_weights(str(path))
+  assert_same_variables(port.from_h5(str(path), 'vgg16'), port.from_keras(reloaded, 'vgg16'))
+  assert_same_variables(port.from_h5(str(path), 'vgg16'), port.from_keras(model, 'vgg16'))
+
+
+def test_from_h5_names_a_missing_layer(resnet, tmp_path):
+
+  def drop_layer(f):
+    names = list(f.attrs['layer_names'])
+    names.remove('conv3_block2_2_bn')
+    f.attrs['layer_names'] = names
+    del f['conv3_block2_2_bn']
+
+  with pytest.raises(ValueError, match=r"missing \['batch_stats'\]\['conv3_block2_2_bn'\]\['mean'\]"):
+    port.from_h5(str(_edited_copy(resnet[1], tmp_path, drop_layer)), 'resnet50')
+
+
+def test_from_h5_names_a_wrong_shape(resnet, tmp_path):
+
+  def shrink_kernel(f):
+    group = f['conv1_conv']
+    del group['conv1_conv/kernel']
+    group['conv1_conv/kernel'] = np.zeros((7, 7, 3, 32), np.float32)
+
+  with pytest.raises(ValueError, match=r"wrong shape \['params'\]\['conv1_conv'\]\['kernel'\]: \(7, 7, 3, 32\)"):
+    port.from_h5(str(_edited_copy(resnet[1], tmp_path, shrink_kernel)), 'resnet50')
+
+
+@pytest.mark.parametrize('application, named', [
+    ('ResNet50V2', r"missing \['batch_stats'\]\['conv1_bn'\]"),
+    ('ResNet101', r"extra \['batch_stats'\]\['conv4_block10_1_bn'\]"),
+    ('VGG16', r"missing \['batch_stats'\]\['conv1_bn'\]"),
+], ids=('resnet50v2', 'resnet101', 'vgg16'))
+def test_from_keras_rejects_another_architecture(application, named):
+  model = getattr(keras.applications, application)(include_top=False, weights=None, input_shape=SHAPE)
+  with pytest.raises(ValueError, match=named):
+    port.from_keras(model, 'resnet50')
+
+
+def test_store_round_trip(resnet, tmp_path):
+  variables = port.from_h5(str(resnet[1]), 'resnet50')
+  store.save_ported(str(tmp_path), variables, {'model': 'resnet50'})
+  assert_same_variables(store.load_ported(str(tmp_path), 'resnet50'), variables)
+  with pytest.raises(ValueError, match=r"missing \['params'\]\['block1_conv1'\]"):
+    store.load_ported(str(tmp_path), 'vgg16')
+
+
+def test_load_ported_says_how_to_port(tmp_path):
+  with pytest.raises(FileNotFoundError,
+                     match=r'python scripts/port_keras_weights.py --model vgg16 --output .*nothing_here'):
+    store.load_ported(str(tmp_path / 'nothing_here'), 'vgg16')
