@@ -1,18 +1,22 @@
 """TFRecords written by `data_prep.build` -> batches of global jax.Arrays sharded over ('data',).
 
 Images arrive as float32 RGB 0-255 (each model applies its own preprocessing).
-Training batches are shuffled and augmented with seeds derived from (seed, epoch),
-so any epoch can be replayed exactly after a restart. Evaluation batches cover
+The host decodes, resizes and caches uint8 images; the float conversion and the
+augmentation run as one jitted pass on the devices. Training batches are
+shuffled and augmented with seeds derived from (seed, epoch, step), so any epoch
+can be replayed exactly after a restart. Evaluation batches cover
 every example exactly once, in file order, padded to full batches with mask=False.
 Each process reads only its own part of each split.
 """
 
+import functools
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -22,8 +26,6 @@ Batch = dict[str, jax.Array]
 
 # Cache decoded images in memory only while they take less than this share of RAM.
 _CACHE_MEMORY_FRACTION = 0.25
-# Independent streams of the per-batch random numbers.
-_FLIP, _CONTRAST = 0, 1
 
 
 def data_mesh() -> Mesh:
@@ -41,28 +43,41 @@ def dataset_dir(data_dir: str | os.PathLike) -> Path:
 
 
 def _decode(example: dict[str, tf.Tensor], image_size: int) -> dict[str, tf.Tensor]:
-  """PNG bytes -> uint8 (image_size, image_size, 3); gray replicated to RGB."""
+  """PNG bytes -> uint8 (image_size, image_size, 3), gray replicated to RGB, plus its per-channel mean."""
   image = tf.io.decode_png(example['image'], channels=3)
   if image.shape[0] != image_size or image.shape[1] != image_size:
     image = tf.image.resize(image, (image_size, image_size), antialias=True)
     image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
   image = tf.ensure_shape(image, (image_size, image_size, 3))
-  return {'image': image, 'label': tf.cast(example['label'], tf.int32)}
+  return {'image': image, 'label': tf.cast(example['label'], tf.int32),
+          'channel_mean': tf.reduce_mean(tf.cast(image, tf.float32), axis=[0, 1])}
 
 
-def _augment(batch: dict[str, tf.Tensor], seed: tf.Tensor, flip: bool, contrast: float) -> dict[str, tf.Tensor]:
-  """The study's RandomFlip('horizontal') and RandomContrast(contrast), per image, on a uint8 batch -> float32."""
-  images = tf.cast(batch['image'], tf.float32)
-  n = tf.shape(images)[0]
+@functools.partial(jax.jit, static_argnames=('flip', 'contrast'))
+def augment(images: jax.Array, channel_mean: jax.Array, key: jax.Array, flip: bool, contrast: float) -> jax.Array:
+  """The study's RandomFlip('horizontal') and RandomContrast(contrast) per image: uint8 -> float32 0-255.
+
+  Runs where the batch lives (one fused pass on the accelerator) rather than in
+  tf.data: the host only ships uint8. Random draws are global, so they do not
+  depend on how many devices the batch is split over. `channel_mean` (B, 3) is
+  the un-augmented image's mean, which a flip does not change.
+  """
+  flip_key, contrast_key = jax.random.split(key)
+  n = images.shape[0]
   if flip:
-    coin = tf.random.stateless_uniform([n], tf.random.experimental.stateless_fold_in(seed, _FLIP)) < 0.5
-    images = tf.where(coin[:, None, None, None], tf.reverse(images, axis=[2]), images)
+    mirrored = jax.random.bernoulli(flip_key, 0.5, (n, 1, 1, 1))
+    images = jnp.where(mirrored, images[:, :, ::-1], images)
+  images = images.astype(jnp.float32)
   if contrast:
-    factor = tf.random.stateless_uniform([n, 1, 1, 1], tf.random.experimental.stateless_fold_in(seed, _CONTRAST),
-                                         1.0 - contrast, 1.0 + contrast)
-    mean = tf.reduce_mean(images, axis=[1, 2], keepdims=True)
-    images = tf.clip_by_value((images - mean) * factor + mean, 0.0, 255.0)
-  return {**batch, 'image': images}
+    factor = jax.random.uniform(contrast_key, (n, 1, 1, 1), minval=1.0 - contrast, maxval=1.0 + contrast)
+    mean = channel_mean[:, None, None, :]
+    images = jnp.clip((images - mean) * factor + mean, 0.0, 255.0)
+  return images
+
+
+@jax.jit
+def _to_float(images: jax.Array) -> jax.Array:
+  return images.astype(jnp.float32)
 
 
 class SplitReader:
@@ -109,29 +124,27 @@ class SplitReader:
                   contrast: float = 0.2) -> Iterator[Batch]:
     """Shuffled, augmented full batches for one epoch; the same (seed, epoch) gives the same batches."""
     local = self._local_batch_size(batch_size)
-    steps = self.steps_per_epoch(batch_size)
-    shuffle_seed, augment_seed = np.random.default_rng([seed, epoch, jax.process_index()]).integers(2**31, size=2)
-    augment_seed = tf.constant([augment_seed, 0], tf.int64)
-    dataset = (self._decoded.shuffle(self.num_local_examples, seed=int(shuffle_seed), reshuffle_each_iteration=False)
-               .batch(local, drop_remainder=True).take(steps).enumerate()
-               .map(lambda i, b: _augment(b, tf.random.experimental.stateless_fold_in(augment_seed, i), flip, contrast),
-                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    shuffle_seed = int(np.random.default_rng([seed, epoch, jax.process_index()]).integers(2**31))
+    dataset = (self._decoded.shuffle(self.num_local_examples, seed=shuffle_seed, reshuffle_each_iteration=False)
+               .batch(local, drop_remainder=True).take(self.steps_per_epoch(batch_size))
                .map(lambda b: {**b, 'mask': tf.ones_like(b['label'], tf.bool)})
                .prefetch(tf.data.AUTOTUNE))
-    return self._to_global(dataset)
+    epoch_key = jax.random.fold_in(jax.random.key(seed), epoch)
+    for step, batch in enumerate(self._to_global(dataset)):
+      key = jax.random.fold_in(epoch_key, step)
+      image = augment(batch.pop('image'), batch.pop('channel_mean'), key, flip=flip, contrast=contrast)
+      yield {'image': image, **batch}
 
   def eval_batches(self, batch_size: int) -> Iterator[Batch]:
     """Every example exactly once, in order; the last batch padded with zero images and mask=False."""
     local = self._local_batch_size(batch_size)
     steps = -(-self._max_local_examples // local)
     padding = steps * local - self.num_local_examples
-    real = self._decoded.map(lambda e: {**e, 'mask': True})
+    real = self._decoded.map(lambda e: {'image': e['image'], 'label': e['label'], 'mask': True})
     blank = {'image': tf.zeros((self.image_size, self.image_size, 3), tf.uint8), 'label': 0, 'mask': False}
-    dataset = (real.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
-               .batch(local)
-               .map(lambda b: {**b, 'image': tf.cast(b['image'], tf.float32)})
-               .prefetch(tf.data.AUTOTUNE))
-    return self._to_global(dataset)
+    dataset = real.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding)).batch(local).prefetch(2)
+    for batch in self._to_global(dataset):
+      yield {**batch, 'image': _to_float(batch['image'])}
 
   def _to_global(self, dataset: tf.data.Dataset) -> Iterator[Batch]:
     sharding = NamedSharding(self.mesh, PartitionSpec('data'))

@@ -7,6 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -90,17 +91,16 @@ def test_training_batches_replay_exactly_for_a_seed_and_epoch(built_dataset):
 
 
 def test_augmentation_is_keras_flip_and_contrast():
-  rng = np.random.default_rng(0)
-  batch = {'image': tf.constant(rng.integers(0, 256, (64, 8, 8, 3)), tf.uint8), 'label': tf.zeros([64], tf.int32)}
-  seed = tf.constant([1, 2], tf.int64)
-  flipped = _augment_np(batch, seed, flip=True, contrast=0.0)
-  source = batch['image'].numpy().astype(np.float32)
+  source = np.random.default_rng(0).integers(0, 256, (64, 8, 8, 3)).astype(np.uint8)
+  means = source.mean(axis=(1, 2), dtype=np.float32)
+  key = jax.random.key(1)
+  flipped = np.asarray(input_pipeline.augment(source, means, key, flip=True, contrast=0.0))
   is_flip = [np.array_equal(f, s[:, ::-1]) for f, s in zip(flipped, source)]
   assert all(flip or np.array_equal(f, s) for flip, f, s in zip(is_flip, flipped, source))
-  assert 10 < sum(is_flip) < 54
-  contrasted = _augment_np(batch, seed, flip=False, contrast=0.2)
+  assert flipped.dtype == np.float32 and 10 < sum(is_flip) < 54
+  contrasted = np.asarray(input_pipeline.augment(source, means, key, flip=False, contrast=0.2))
   factors = []
-  for got, image in zip(contrasted, source):
+  for got, image in zip(contrasted, source.astype(np.float32)):
     # tf.image.adjust_contrast is what keras.layers.RandomContrast applies, before clipping to [0, 255].
     centred = image - image.mean(axis=(0, 1))
     unclipped = (got > 0) & (got < 255)
@@ -109,10 +109,6 @@ def test_augmentation_is_keras_flip_and_contrast():
     assert np.allclose(got, want, atol=0.5)
     factors.append(factor)
   assert 0.8 <= min(factors) < 0.9 and 1.1 < max(factors) <= 1.2
-
-
-def _augment_np(batch, seed, flip, contrast):
-  return input_pipeline._augment(batch, seed, flip, contrast)['image'].numpy()
 
 
 def test_cache_serves_later_epochs_from_memory(built_dataset, tmp_path):
@@ -132,8 +128,9 @@ def test_missing_manifest_says_how_to_build(tmp_path):
     input_pipeline.SplitReader(tmp_path, 'train', 32)
 
 
-def test_batches_shard_over_two_devices(built_dataset):
+def test_batches_shard_over_two_devices(built_dataset, tmp_path):
   data_dir, manifest = built_dataset
+  one_device = next(iter(input_pipeline.SplitReader(data_dir, 'val', 32).train_epoch(8, 0, seed=0)))
   batch_size = _non_dividing_batch_size(sum(manifest['counts']['val'].values()))
   script = textwrap.dedent(f"""
       import numpy as np, jax
@@ -147,7 +144,8 @@ def test_batches_shard_over_two_devices(built_dataset):
         assert {{s.device for s in shards}} == set(jax.devices())
       print('masked', int(sum(np.asarray(b['mask']).sum() for b in batches)))
       train = next(iter(reader.train_epoch(8, 0, seed=0)))
-      assert train['label'].sharding.spec == jax.sharding.PartitionSpec('data')
+      assert train['image'].sharding.spec == jax.sharding.PartitionSpec('data')
+      np.save({str(tmp_path / 'train.npy')!r}, np.asarray(train['image']))
       try:
         next(reader.eval_batches(7))
       except ValueError as e:
@@ -158,3 +156,4 @@ def test_batches_shard_over_two_devices(built_dataset):
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"masked {sum(manifest['counts']['val'].values())}" in result.stdout
   assert 'error batch_size 7 must be divisible by the number of devices (2)' in result.stdout
+  assert np.array_equal(np.load(tmp_path / 'train.npy'), np.asarray(one_device['image']))
