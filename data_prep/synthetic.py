@@ -71,6 +71,8 @@ class ImageSpec:
 
 def plan(num_images: int, seed: int, covid_fraction: float = COVID_FRACTION) -> list[ImageSpec]:
   """Assigns labels, patients and Kermany-style names; patient ids are unique across the set."""
+  if not 0 <= covid_fraction <= 1:
+    raise ValueError(f'covid_fraction must lie in [0, 1], got {covid_fraction}')
   rng = np.random.default_rng([seed, _PLAN])
   num_covid = round(num_images * covid_fraction)
   specs = []
@@ -102,7 +104,8 @@ def _class0_names(rng: np.random.Generator, sizes: list[int]) -> list[list[str]]
 def _class1_names(rng: np.random.Generator, sizes: list[int]) -> list[list[str]]:
   """`person123_bacteria_456`: patient id, kind, then a counter unique over the class."""
   people = rng.choice(np.arange(1, max(2000, 2 * len(sizes))), len(sizes), replace=False)
-  counters = iter(np.sort(rng.choice(np.arange(1, max(4000, 3 * sum(sizes))), sum(sizes), replace=False)))
+  counters = np.sort(rng.choice(np.arange(1, max(4000, 3 * sum(sizes))), sum(sizes), replace=False))
+  counters = iter(counters.tolist())
   kinds = rng.choice(['bacteria', 'virus'], len(sizes), p=[0.65, 0.35])
   return [[f'person{person}_{kind}_{next(counters)}' for _ in range(size)]
           for person, kind, size in zip(people, kinds, sizes)]
@@ -126,7 +129,8 @@ class Anatomy:
   rib_phase: float
   clavicle_y: float
   gamma: float
-  lesions: tuple[tuple[float, float, float, float], ...]  # (x, y, sigma, weight); empty for class 0.
+  # Opacities as (x, y, sigma, weight) blobs; empty for class 0.
+  lesions: tuple[tuple[float, float, float, float], ...]
 
 
 def anatomy(seed: int, patient: int, label: int) -> Anatomy:
@@ -144,7 +148,8 @@ def anatomy(seed: int, patient: int, label: int) -> Anatomy:
       lung_top=top,
       lung_bottom=bottom,
       dome=rng.uniform(0.08, 0.16),
-      heart=(rng.uniform(0.12, 0.2), rng.uniform(0.22, 0.32), rng.uniform(0.3, 0.38), rng.uniform(0.22, 0.28)),
+      heart=(rng.uniform(0.12, 0.2), rng.uniform(0.22, 0.32),
+             rng.uniform(0.3, 0.38), rng.uniform(0.22, 0.28)),
       rib_spacing=rng.uniform(0.12, 0.15),
       rib_phase=rng.uniform(0.0, 1.0),
       clavicle_y=rng.uniform(-0.86, -0.76),
@@ -162,18 +167,23 @@ def anatomy(seed: int, patient: int, label: int) -> Anatomy:
       r = rng.beta(3.0, 1.4) * (1 if rng.random() < 0.85 else -0.6)  # Mostly lateral.
       x = side * (lung_x + r * 0.8 * _lung_half_width(lung_hw, t))
       y = top + t * (bottom - top)
-      lesions.append((x, y, extent * rng.uniform(0.07, 0.16), rng.uniform(0.6, 1.0)))
+      lesions.append((x, y, extent * rng.uniform(0.09, 0.18), rng.uniform(0.6, 1.0)))
   return dataclasses.replace(a, lesions=tuple(lesions))
 
 
 def _lung_half_width(half_width: float, t: np.ndarray | float) -> np.ndarray | float:
-  """Lungs widen from apex (t=0) to base (t=1)."""
-  return half_width * (0.3 + 0.7 * np.sqrt(np.clip(t, 0.0, 1.0)))
+  """Lungs widen from a rounded apex (t=0) to the base (t=1); negative above the apex."""
+  return half_width * np.sign(t) * np.abs(np.minimum(t, 1.0)) ** 0.35
 
 
 def _sig(x: np.ndarray, edge: float) -> np.ndarray:
   """A soft step of width ~`edge`: soft-edged masks look like radiographs, hard ones do not."""
   return special.expit(x / edge)
+
+
+def _bands(phase: np.ndarray) -> np.ndarray:
+  """Narrow bright bands at integer `phase`: ribs."""
+  return ((1 + np.cos(2 * np.pi * phase)) / 2) ** 6
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) -> np.ndarray:
@@ -183,7 +193,8 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) 
 
 def _resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
   """Bicubic resize of a float image to (height, width)."""
-  return np.asarray(Image.fromarray(image.astype(np.float32), 'F').resize(shape[::-1], Image.Resampling.BICUBIC))
+  resized = Image.fromarray(image.astype(np.float32), 'F')
+  return np.asarray(resized.resize(shape[::-1], Image.Resampling.BICUBIC))
 
 
 def attenuation(a: Anatomy, shape: tuple[int, int], rng: np.random.Generator,
@@ -207,33 +218,37 @@ def attenuation(a: Anatomy, shape: tuple[int, int], rng: np.random.Generator,
 
   t = (y - a.lung_top) / (a.lung_bottom - a.lung_top)
   lungs = np.zeros(shape, np.float32)
+  half_width = _lung_half_width(a.lung_half_width, t)
   for side in (-1, 1):
-    d = (x - side * a.lung_x) / _lung_half_width(a.lung_half_width, t)
-    dome = a.lung_bottom - a.dome * (1 - np.clip(d, -1, 1) ** 2) - (0.04 if side < 0 else 0.0)
-    lungs += _sig(1 - np.abs(d), 0.08) * _sig(y - a.lung_top, 0.03) * _sig(dome - y, 0.02)
+    dx = x - side * a.lung_x
+    # Domes peak mid-lung; the right one (image left) sits higher.
+    across = np.clip(dx / a.lung_half_width, -1, 1)
+    dome = a.lung_bottom - 0.04 * (side < 0) - a.dome * (1 - across**2)
+    lungs += _sig(half_width - np.abs(dx), 0.025) * _sig(dome - y, 0.02)
 
   hx, hy, hw, hh = a.heart
   heart = _sig(1 - ((x - hx) / hw) ** 2 - ((y - hy) / hh) ** 2, 0.12)
   spine = _sig(0.07 - ax, 0.01) * (0.7 + 0.3 * np.cos(2 * np.pi * y / 0.11))
-  mediastinum = _sig(0.11 + 0.08 * np.clip(t, 0, 1) - np.abs(x - 0.02), 0.03)
-  rib_zone = body * (0.3 + 0.7 * lungs) * _sig(ax - 0.08, 0.02) * _sig(y - a.lung_top + 0.15, 0.04) * _sig(a.lung_bottom + 0.05 - y, 0.05)
-  posterior = ((1 + np.cos(2 * np.pi * ((y - 0.35 * x**2) / a.rib_spacing + a.rib_phase))) / 2) ** 6
-  anterior = ((1 + np.cos(2 * np.pi * ((y + 0.3 * ax) / (1.3 * a.rib_spacing) + a.rib_phase))) / 2) ** 6
-  clavicles = (np.exp(-(((y - a.clavicle_y + 0.15 * ax - 0.35 * x**2) / 0.035) ** 2))
+  mediastinum = _sig(0.1 + 0.12 * np.clip(t, 0, 1) ** 2 - np.abs(x - 0.03), 0.03)
+  rib_zone = (body * (0.3 + 0.7 * lungs) * _sig(ax - 0.08, 0.02)
+              * _sig(y - a.lung_top + 0.15, 0.04) * _sig(a.lung_bottom + 0.05 - y, 0.05))
+  posterior = _bands((y - 0.35 * x**2) / a.rib_spacing + a.rib_phase)
+  anterior = _bands((y + 0.3 * ax) / (1.3 * a.rib_spacing) + a.rib_phase)
+  clavicles = (np.exp(-(((y - a.clavicle_y + 0.35 * ax - 0.25 * x**2) / 0.04) ** 2))
                * _sig(ax - 0.06, 0.02) * _sig(0.65 - ax, 0.05))
-  hila = sum(np.exp(-((x - s * 0.22) ** 2 + (y - 0.0) ** 2) / (2 * 0.1**2)) for s in (-1, 1))
-  markings = lungs * _smooth_noise(rng, shape, 24)
+  hila = sum(np.exp(-((x - side * 0.22) ** 2 + y**2) / (2 * 0.1**2)) for side in (-1, 1))
+  markings = lungs * _smooth_noise(rng, shape, 24)  # Vessels and noise: lungs are never uniform.
 
-  image = (0.05 + 0.45 * body - 0.33 * lungs * (1 - heart) + 0.06 * heart + 0.1 * mediastinum
-           + 0.06 * spine + (0.08 * posterior + 0.04 * anterior) * rib_zone + 0.12 * clavicles * body
-           + 0.06 * hila + 0.025 * markings)
+  image = (0.05 + 0.45 * body - 0.33 * lungs * (1 - heart) + 0.02 * heart + 0.1 * mediastinum
+           + 0.05 * spine + (0.08 * posterior + 0.04 * anterior) * rib_zone
+           + 0.08 * clavicles * body + 0.06 * hila + 0.025 * markings)
   if a.lesions:
     blobs = np.zeros(shape, np.float32)
     for lx, ly, sigma, weight in a.lesions:
       lx, ly = np.asarray([lx, ly]) + rng.normal(0.0, 0.025, 2)
       blobs += weight * np.exp(-((x - lx) ** 2 + (y - ly) ** 2) / (2 * sigma**2))
-    patches = np.clip(0.9 + 0.35 * _smooth_noise(rng, shape, 16), 0.3, 1.5)
-    image += lesion_amplitude * (1 - np.exp(-1.5 * blobs)) * patches * lungs * (1 - 0.5 * heart)
+    patches = np.clip(1 + 0.3 * _smooth_noise(rng, shape, 16), 0.5, 1.4)
+    image += lesion_amplitude * (1 - np.exp(-2.5 * blobs)) * patches * lungs * (1 - 0.5 * heart)
   return image
 
 
@@ -255,7 +270,7 @@ def render(spec: ImageSpec, seed: int) -> tuple[Image.Image, str, str, int]:
   blur = rng.uniform(0.4, 1.5) * min(width, height) / 300
   noise = rng.uniform(0.004, 0.025)
   subtle = rng.random() < 0.15
-  lesion_amplitude = rng.uniform(0.07, 0.12) if subtle else rng.uniform(0.2, 0.4)
+  lesion_amplitude = rng.uniform(0.12, 0.18) if subtle else rng.uniform(0.3, 0.5)
 
   a = anatomy(seed, spec.patient, spec.label)
   # Smooth anatomy is rendered at a capped size and upsampled; only the noise needs every pixel.
@@ -270,6 +285,7 @@ def render(spec: ImageSpec, seed: int) -> tuple[Image.Image, str, str, int]:
 
 
 def _to_pil(image: np.ndarray, mode: str) -> Image.Image:
+  """Quantises a [0, 1] image to 8 or 16 bits; RGB files carry three equal channels."""
   if mode == 'I;16':
     return Image.fromarray(np.round(image * 65535).astype(np.uint16))
   gray = np.round(image * 255).astype(np.uint8)
@@ -277,6 +293,7 @@ def _to_pil(image: np.ndarray, mode: str) -> Image.Image:
 
 
 def _write(spec: ImageSpec, seed: int, output_dir: pathlib.Path) -> pathlib.Path:
+  """Renders and saves one file: the unit of work a pool worker gets."""
   image, fmt, extension, quality = render(spec, seed)
   path = output_dir / str(spec.label) / (spec.stem + extension)
   image.save(path, fmt, **({'quality': quality} if fmt == 'JPEG' else {}))
@@ -299,7 +316,8 @@ def generate(output_dir: str | pathlib.Path, num_images: int, seed: int,
   specs = plan(num_images, seed, covid_fraction)
   if workers <= 1:
     return [write(spec) for spec in specs]
-  with multiprocessing.Pool(workers) as pool:
+  # Spawned, not forked: callers may have started threads (JAX, TensorFlow).
+  with multiprocessing.get_context('spawn').Pool(workers) as pool:
     return pool.map(write, specs, chunksize=8)
 
 
@@ -310,24 +328,29 @@ def summary(paths: Sequence[pathlib.Path]) -> str:
   for p in paths:
     with Image.open(p) as image:
       kinds[f'{image.format} {image.mode}'] += 1
-  return (f'{len(paths)} images: ' + ', '.join(f'class {c}: {n}' for c, n in sorted(classes.items()))
-          + '\n' + ', '.join(f'{k}: {n}' for k, n in kinds.most_common()))
+  per_class = ', '.join(f'class {c}: {n}' for c, n in sorted(classes.items()))
+  per_kind = ', '.join(f'{k}: {n}' for k, n in kinds.most_common())
+  return f'{len(paths)} images: {per_class}\n{per_kind}'
 
 
-_OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Folder to write DIR/0 and DIR/1 into.', required=True)
-_NUM_IMAGES = flags.DEFINE_integer('num_images', 600, 'Number of images in both classes together.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Same seed, same bytes.')
-_COVID_FRACTION = flags.DEFINE_float('covid_fraction', COVID_FRACTION,
-                                     'Fraction of class 1 images (default: the Kaggle set\'s 1790/3091).')
-_WORKERS = flags.DEFINE_integer('workers', 1, 'Processes to render with; the output does not depend on it.')
+def _define_flags() -> None:
+  """Defined only when run as a script, so importing this module never clashes with other flags."""
+  flags.DEFINE_string('output_dir', None, 'Folder to write DIR/0 and DIR/1 into.', required=True)
+  flags.DEFINE_integer('num_images', 600, 'Number of images in both classes together.')
+  flags.DEFINE_integer('seed', 0, 'Same seed, same bytes; another seed, another set.')
+  flags.DEFINE_float('covid_fraction', COVID_FRACTION,
+                     "Fraction of class 1 images (default: the Kaggle set's).")
+  flags.DEFINE_integer('workers', 1, 'Processes to render with; the files do not depend on it.')
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  paths = generate(_OUTPUT_DIR.value, _NUM_IMAGES.value, _SEED.value, _COVID_FRACTION.value, _WORKERS.value)
-  print(f'Wrote {_OUTPUT_DIR.value}\n{summary(paths)}')
+  f = flags.FLAGS
+  paths = generate(f.output_dir, f.num_images, f.seed, f.covid_fraction, f.workers)
+  print(f'Wrote {f.output_dir}\n{summary(paths)}')
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
