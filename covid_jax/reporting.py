@@ -1,0 +1,196 @@
+"""What a run leaves for people to read: JSON files, PNG plots and a console table.
+
+Figures are built as bare `matplotlib.figure.Figure` objects rendered by Agg, not
+through pyplot, so nothing needs a display, no global figure list grows over a
+long run, and the caller's own pyplot backend is left alone. Each plot function
+saves its PNG and returns the figure.
+"""
+
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn import metrics as sk
+
+from covid_jax.metrics import CLASS_NAMES
+
+_DPI = 150
+CORRECT_COLOR = 'green'
+WRONG_COLOR = 'red'
+
+# Panels of the training-curve figure: title and the history keys drawn in it.
+# A panel whose keys appear in no history entry is left out.
+_CURVE_PANELS = (
+    ('loss', ('train_loss', 'val_loss')),
+    ('accuracy', ('train_accuracy', 'val_accuracy', 'val_roc_auc')),
+    ('learning rate', ('learning_rate',)),
+)
+
+# Rows of the console table: metrics key and its label.
+_TABLE_ROWS = (
+    ('accuracy', 'accuracy'),
+    ('precision', 'precision'),
+    ('recall', 'recall (sensitivity)'),
+    ('specificity', 'specificity'),
+    ('f1', 'f1'),
+    ('balanced_accuracy', 'balanced accuracy'),
+    ('roc_auc', 'roc auc'),
+)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+  """Writes `obj` as indented JSON (key order kept), replacing `path` atomically.
+
+  NumPy and JAX scalars and arrays become numbers and lists. NaN and infinity
+  are refused (they are not JSON) with an error naming where they are.
+  """
+  obj = _plain(obj)
+  bad = next(_non_finite(obj, ''), None)
+  if bad is not None:
+    raise ValueError(f'{path}: non-finite value {bad[1]} at {bad[0] or "top level"}; JSON has no NaN or infinity')
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  partial = path.with_name(path.name + '.partial')
+  partial.write_text(json.dumps(obj, indent=2, allow_nan=False) + '\n')
+  os.replace(partial, path)
+
+
+def plot_training_curves(history: Sequence[dict[str, Any]], best_epoch: int, path: str | os.PathLike) -> Figure:
+  """Loss and accuracy per epoch, train against validation, with a dashed line at `best_epoch`.
+
+  Each history entry has 'epoch' and any of the keys in `_CURVE_PANELS`; a key
+  missing from some entries (validation run every few epochs) is drawn where present.
+  """
+  panels = [(title, keys) for title, keys in _CURVE_PANELS if any(k in entry for entry in history for k in keys)]
+  if not panels:
+    raise ValueError(f'no curve to draw: history has none of {[k for _, keys in _CURVE_PANELS for k in keys]}')
+  fig = Figure(figsize=(5.5 * len(panels), 4.2), layout='constrained')
+  for ax, (title, keys) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+    for key in keys:
+      points = [(entry['epoch'], entry[key]) for entry in history if key in entry]
+      if points:
+        ax.plot(*zip(*points), marker='.', label=key.replace('_', ' '))
+    ax.axvline(best_epoch, color='gray', linestyle='--', label=f'best epoch ({best_epoch})')
+    ax.set(title=title, xlabel='epoch')
+    ax.grid(alpha=0.3)
+    ax.legend()
+  return _saved(fig, path)
+
+
+def plot_confusion_matrix(confusion: Sequence[Sequence[int]], path: str | os.PathLike) -> Figure:
+  """Counts, with the share of each true class beneath: rows true label, columns predicted label."""
+  counts = np.asarray(confusion, np.int64)
+  row_totals = counts.sum(axis=1, keepdims=True)
+  shares = counts / np.maximum(row_totals, 1)
+  fig = Figure(figsize=(4.8, 4.2), layout='constrained')
+  ax = fig.subplots()
+  image = ax.imshow(shares, cmap='Blues', vmin=0.0, vmax=1.0)
+  for (row, column), count in np.ndenumerate(counts):
+    ax.text(column, row, f'{count}\n{shares[row, column]:.1%}', ha='center', va='center',
+            color='white' if shares[row, column] > 0.5 else 'black')
+  ticks = range(len(CLASS_NAMES))
+  ax.set(xticks=ticks, yticks=ticks, xticklabels=CLASS_NAMES, yticklabels=CLASS_NAMES,
+         xlabel='predicted', ylabel='true', title='confusion matrix')
+  fig.colorbar(image, ax=ax, label='share of true class')
+  return _saved(fig, path)
+
+
+def plot_roc_curve(labels: np.ndarray, covid_probability: np.ndarray, path: str | os.PathLike) -> Figure:
+  """ROC curve of the COVID probability (COVID positive), AUC in the legend, chance diagonal.
+
+  With one class in `labels` the curve is undefined: the figure says so instead.
+  """
+  labels = np.asarray(labels)
+  fig = Figure(figsize=(4.8, 4.5), layout='constrained')
+  ax = fig.subplots()
+  ax.plot([0, 1], [0, 1], color='gray', linestyle='--', label='chance')
+  if np.unique(labels).size == 2:
+    fpr, tpr, _ = sk.roc_curve(labels, covid_probability, pos_label=1)
+    ax.plot(fpr, tpr, label=f'AUC = {sk.roc_auc_score(labels, covid_probability):.4f}')
+  else:
+    ax.text(0.5, 0.5, 'ROC undefined:\none class only', ha='center', va='center')
+  ax.set(xlim=(0, 1), ylim=(0, 1.01), aspect='equal', title='ROC (positive: covid)',
+         xlabel='false positive rate (1 - specificity)', ylabel='true positive rate (sensitivity)')
+  ax.legend(loc='lower right')
+  return _saved(fig, path)
+
+
+def plot_prediction_grid(images: np.ndarray,
+                         labels: Sequence[int],
+                         predictions: Sequence[int],
+                         indices: Sequence[int],
+                         path: str | os.PathLike,
+                         columns: int = 4) -> Figure:
+  """Shown examples with their test index, prediction and truth; green title if right, red if wrong.
+
+  `images` (K, H, W, 3 or 1) float RGB 0-255, `labels`, `predictions` and
+  `indices` (their positions in the test split, for the titles) are aligned:
+  one entry per example shown.
+  """
+  if not len(images) == len(labels) == len(predictions) == len(indices):
+    raise ValueError(f'images, labels, predictions and indices differ in length: '
+                     f'{len(images)}, {len(labels)}, {len(predictions)}, {len(indices)}')
+  rows = max(1, math.ceil(len(images) / columns))
+  fig = Figure(figsize=(2.6 * columns, 2.9 * rows), layout='constrained')
+  axes = fig.subplots(rows, columns, squeeze=False).ravel()
+  for ax, image, label, prediction, index in zip(axes, images, labels, predictions, indices):
+    pixels = np.clip(np.rint(np.asarray(image, np.float32)), 0, 255).astype(np.uint8)
+    ax.imshow(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels, cmap='gray', vmin=0, vmax=255)
+    ax.set_title(f'#{index} pred: {CLASS_NAMES[prediction]} / true: {CLASS_NAMES[label]}', fontsize=8,
+                 color=CORRECT_COLOR if prediction == label else WRONG_COLOR)
+    ax.set_axis_off()
+  for ax in axes[len(images):]:
+    ax.remove()
+  return _saved(fig, path)
+
+
+def print_metrics_table(metrics: dict[str, Any], title: str = 'metrics') -> str:
+  """`classification_metrics` output as a short console table; returns the text (log or print it)."""
+  intervals = metrics.get('ci95', {})
+  lines = [f'{title} (n={metrics["num_examples"]}, threshold {metrics["threshold"]:g}, positive: covid)']
+  for key, label in _TABLE_ROWS:
+    value = metrics[key]
+    text = 'undefined (one class)' if value is None else f'{value:.4f}'
+    if intervals.get(key):
+      text += f'  95% CI [{intervals[key][0]:.4f}, {intervals[key][1]:.4f}]'
+    lines.append(f'  {label:<22}{text}')
+  width = max(len(name) for name in CLASS_NAMES) + 2
+  lines.append('  confusion matrix (rows true, columns predicted)')
+  lines.append('  ' + ' ' * width + ''.join(f'{name:>{width}}' for name in CLASS_NAMES))
+  for name, row in zip(CLASS_NAMES, metrics['confusion_matrix']):
+    lines.append(f'  {name:<{width}}' + ''.join(f'{count:>{width}}' for count in row))
+  return '\n'.join(lines)
+
+
+def _saved(fig: Figure, path: str | os.PathLike) -> Figure:
+  Path(path).parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=_DPI)
+  return fig
+
+
+def _plain(obj: Any) -> Any:
+  """Dicts, lists and tuples rebuilt with NumPy/JAX scalars and arrays as Python numbers and lists."""
+  if isinstance(obj, dict):
+    return {key: _plain(value) for key, value in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_plain(value) for value in obj]
+  if isinstance(obj, np.generic) or hasattr(obj, '__array__'):
+    return np.asarray(obj).tolist()
+  return obj
+
+
+def _non_finite(obj: Any, where: str) -> Iterator[tuple[str, float]]:
+  """(location, value) of each NaN or infinity in a plain JSON-like object, e.g. ('history[3].val_loss', nan)."""
+  if isinstance(obj, dict):
+    for key, value in obj.items():
+      yield from _non_finite(value, f'{where}.{key}' if where else str(key))
+  elif isinstance(obj, list):
+    for i, value in enumerate(obj):
+      yield from _non_finite(value, f'{where}[{i}]')
+  elif isinstance(obj, float) and not math.isfinite(obj):
+    yield where, obj
