@@ -56,6 +56,9 @@ _EXTENSIONS = {
     'PNG': (('.png', '.PNG'), (0.85, 0.15)),
 }
 _MIN_SIDE, _MAX_SIDE = 200, 600
+# Patient numbers stay below this (up to ~7000 images a class), so tests can plant
+# hand-made files named IM-9xxx or person9xxx without clashing with a patient.
+_FREE_NUMBERS = 9000
 _RENDER_SIDE = 256
 
 
@@ -91,12 +94,12 @@ def plan(num_images: int, seed: int, covid_fraction: float = COVID_FRACTION) -> 
 
 def _class0_names(rng: np.random.Generator, sizes: list[int]) -> list[list[str]]:
   """`IM-0553-0001`, `NORMAL2-IM-0123-0002`: patient id, then the patient's image number."""
-  if len(sizes) > 2 * 9999:
-    raise ValueError(f'{len(sizes)} non-COVID patients do not fit 4-digit ids')
   normal2 = rng.random(len(sizes)) < 0.3
   ids = np.empty(len(sizes), object)
   for prefix, chosen in (('IM', ~normal2), ('NORMAL2-IM', normal2)):
-    numbers = rng.choice(np.arange(1, 10000), int(chosen.sum()), replace=False)
+    if chosen.sum() >= _FREE_NUMBERS:
+      raise ValueError(f'{chosen.sum()} {prefix} patients do not fit 4-digit ids below {_FREE_NUMBERS}')
+    numbers = rng.choice(np.arange(1, _FREE_NUMBERS), int(chosen.sum()), replace=False)
     ids[chosen] = [f'{prefix}-{n:04d}' for n in numbers]
   return [[f'{pid}-{k + 1:04d}' for k in range(size)] for pid, size in zip(ids, sizes)]
 
