@@ -49,13 +49,14 @@ class ResNet50(nn.Module):
   """
 
   dtype: Any = jnp.float32  # Computation dtype; parameters stay float32.
+  axis_name: str | None = None  # Device axis over which training-mode BN statistics are averaged.
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     conv = functools.partial(nn.Conv, dtype=self.dtype, param_dtype=jnp.float32)
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-        use_fast_variance=False, dtype=self.dtype, param_dtype=jnp.float32)
+        use_fast_variance=False, dtype=self.dtype, param_dtype=jnp.float32, axis_name=self.axis_name)
     x = _pad(x, 3)  # conv1_pad
     x = conv(64, (7, 7), strides=2, padding='VALID', name='conv1_conv')(x)
     x = nn.relu(norm(name='conv1_bn')(x))

@@ -18,6 +18,7 @@ class VGG16(nn.Module):
   """
 
   dtype: Any = jnp.float32  # Computation dtype; parameters stay float32.
+  axis_name: str | None = None  # Accepted for a uniform backbone interface; VGG16 has no BatchNorm.
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

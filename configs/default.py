@@ -1,0 +1,81 @@
+"""Every key the training system reads, with the study's protocol as the default.
+
+The defaults reproduce the Keras study (DESIGN §2) except its mistakes: each
+backbone gets its own Keras preprocessing, and the data step splits by patient.
+Other configs derive from this one; `--config.key=value` overrides any key, and
+a mistyped key is an error (the config is locked).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # Output of `python -m data_prep.build` (holds manifest.json).
+  config.data_dir = 'data/covid_xray'
+
+  config.model = ml_collections.ConfigDict()
+  # vgg16 | resnet50 | nasnet_large | nasnet_mobile | nasnet (generic, sized by model.nasnet).
+  config.model.name = 'nasnet_large'
+  # Input side in pixels; the study resized everything to 224 (NASNetLarge's own default is 331).
+  config.model.image_size = 224
+  # How the backbone's feature map becomes a vector: avg | max | flatten.
+  config.model.pooling = 'avg'
+  # Generic NASNet builder arguments; None keeps the named preset's value.
+  config.model.nasnet = ml_collections.ConfigDict({
+      'penultimate_filters': config_dict.placeholder(int),
+      'num_blocks': config_dict.placeholder(int),
+      'stem_block_filters': config_dict.placeholder(int),
+      'skip_reduction': config_dict.placeholder(bool),
+      'filter_multiplier': config_dict.placeholder(int),
+  })
+  # The study's head: BN -> Dense 512 (ReLU, L1L2) -> BN -> Dropout -> Dense 256 (ReLU) -> BN -> Dense 2.
+  config.model.head = ml_collections.ConfigDict()
+  config.model.head.dims = (512, 256)  # Hidden Dense widths.
+  config.model.head.dropout = 0.2  # After the first hidden layer's BN, as in the notebook.
+  config.model.head.batch_norm = True  # BN on the pooled features and after each hidden layer.
+  config.model.head.l1 = 1e-5  # L1 on the first hidden kernel (Keras L1L2 regulariser).
+  config.model.head.l2 = 1e-4  # L2 on the first hidden kernel.
+
+  # Directory written by scripts/port_keras_weights.py; None trains from random initialisation.
+  config.init_from = config_dict.placeholder(str)
+  # Phase 1 trains the head only: no updates to backbone params, backbone BN in inference mode.
+  config.freeze_backbone = True
+
+  # Phase 2 (skipped when num_epochs is 0): unfreeze the trailing backbone layers and train on.
+  config.fine_tune = ml_collections.ConfigDict()
+  # Trailing backbone layers with weights to unfreeze, BatchNorm excluded (the study: 54). -1 = all.
+  config.fine_tune.unfreeze_layers = 54
+  config.fine_tune.num_epochs = 50
+  config.fine_tune.learning_rate = 1e-4  # Not stated in the study.
+  config.fine_tune.end_learning_rate = 1e-6
+  config.fine_tune.warmup_epochs = 0
+
+  config.batch_size = 128  # Global, over all devices and hosts; must divide by the device count.
+  config.eval_batch_size = 128  # Global; the last eval batch is padded and masked, never dropped.
+  config.num_epochs = 50  # Phase 1.
+  config.optimizer = 'adam'  # adam | adamw | sgd (momentum 0.9).
+  config.learning_rate = 1e-3  # Cosine-decayed to end_learning_rate over the phase.
+  config.end_learning_rate = 1e-6
+  config.warmup_epochs = 0  # Linear warm-up from 0 before the cosine decay.
+  config.weight_decay = 0.0  # Decoupled (adamw) or L2-in-gradient (sgd); ignored by adam.
+  config.label_smoothing = 0.2
+
+  config.augment = ml_collections.ConfigDict()
+  config.augment.flip = True  # Random horizontal flip.
+  config.augment.contrast = 0.2  # Random contrast factor in [1 - c, 1 + c]; 0 disables.
+
+  # float32 | bfloat16 (compute in bf16; parameters, loss and metrics stay float32).
+  config.dtype = 'float32'
+
+  config.early_stopping = ml_collections.ConfigDict()
+  config.early_stopping.metric = 'val_accuracy'  # val_accuracy | val_roc_auc | val_loss (lower is better).
+  config.early_stopping.patience = 15  # Epochs without improvement before a phase stops.
+  config.early_stopping.min_delta = 0.0  # Improvement must exceed this.
+
+  config.seed = 0
+  config.log_every_steps = 10  # TensorBoard train scalars.
+  config.prediction_grid_size = 16  # Test images in the prediction grid plot.
+  return config

@@ -1,0 +1,194 @@
+"""NASNet-A (Zoph et al., CVPR 2018) in Flax, equal to keras.applications NASNet with include_top=False.
+
+Every layer with weights is a top-level submodule named exactly as its Keras
+layer, so Keras weights port by name. The two cell types are tables of branch
+pairs, read off the paper's Figure 4 and Keras's `_normal_a_cell` /
+`_reduction_a_cell`; one interpreter builds both.
+"""
+
+import functools
+from collections.abc import Sequence
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from covid_jax.models.depthwise import IMPLEMENTATIONS, PointwiseConv, SeparableConv
+
+LARGE = dict(penultimate_filters=4032, num_blocks=6, stem_block_filters=96, skip_reduction=True, filter_multiplier=2)
+MOBILE = dict(penultimate_filters=1056, num_blocks=4, stem_block_filters=32, skip_reduction=False, filter_multiplier=2)
+
+_BN_MOMENTUM = 0.9997
+_BN_EPSILON = 1e-3
+_HE_NORMAL = nn.initializers.he_normal()  # Keras's initializer for NASNet's plain convolutions.
+
+
+def correct_pad(shape: Sequence[int], kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
+  """Keras imagenet_utils.correct_pad for NHWC `shape`: one less on top/left where a size is even."""
+  return tuple((kernel // 2 - (1 - size % 2), kernel // 2) for size in shape[1:3])
+
+
+def _zero_pad(x: jax.Array, kernel: int) -> jax.Array:
+  return jnp.pad(x, ((0, 0), *correct_pad(x.shape, kernel), (0, 0)))
+
+
+def _avg_pool_same(x: jax.Array) -> jax.Array:
+  """3x3 stride-1 'same' average; like Keras, the padding is not counted."""
+  return nn.avg_pool(x, (3, 3), padding='SAME', count_include_pad=False)
+
+
+def _avg_pool_reduce(x: jax.Array) -> jax.Array:
+  """3x3 stride-2 average over explicit zero padding (the zeros count)."""
+  return nn.avg_pool(_zero_pad(x, 3), (3, 3), (2, 2))
+
+
+def _max_pool_reduce(x: jax.Array) -> jax.Array:
+  """3x3 stride-2 max over explicit zero padding: zeros can win, unlike Flax's -inf padding."""
+  return nn.max_pool(_zero_pad(x, 3), (3, 3), (2, 2))
+
+
+def _identity(x: jax.Array) -> jax.Array:
+  return x
+
+
+class _Sep(NamedTuple):
+  """A branch that is a separable-conv block, named '<cell>_<name>_<block_id>' as in Keras."""
+
+  kernel: int
+  name: str
+  stride: int = 1
+
+
+class _Cell(NamedTuple):
+  """A cell: blocks each summing two (input, op) branches, then a concat of named outputs.
+
+  Inputs and outputs are 'h' (the cell input after relu-conv-bn), 'p' (the
+  previous cell's input, adjusted to match), or k (the output of block k,
+  counted from 1). An op is a `_Sep` or a parameter-free function.
+  """
+
+  name: str
+  blocks: tuple[tuple[tuple[str | int, _Sep | Callable], ...], ...]
+  outputs: tuple[str | int, ...]
+
+
+_NORMAL_CELL = _Cell(
+    name='normal',
+    blocks=(
+        (('h', _Sep(5, 'left1')), ('p', _Sep(3, 'right1'))),
+        (('p', _Sep(5, 'left2')), ('p', _Sep(3, 'right2'))),
+        (('h', _avg_pool_same), ('p', _identity)),
+        (('p', _avg_pool_same), ('p', _avg_pool_same)),
+        (('h', _Sep(3, 'left5')), ('h', _identity)),
+    ),
+    outputs=('p', 1, 2, 3, 4, 5),
+)
+
+_REDUCTION_CELL = _Cell(
+    name='reduction',
+    blocks=(
+        (('h', _Sep(5, 'left1', stride=2)), ('p', _Sep(7, 'right1', stride=2))),
+        (('h', _max_pool_reduce), ('p', _Sep(7, 'right2', stride=2))),
+        (('h', _avg_pool_reduce), ('p', _Sep(5, 'right3', stride=2))),
+        ((2, _identity), (1, _avg_pool_same)),
+        ((1, _Sep(3, 'left4')), ('h', _max_pool_reduce)),
+    ),
+    outputs=(2, 3, 4, 5),
+)
+
+
+class NASNet(nn.Module):
+  """keras.applications.nasnet.NASNet(include_top=False) with the same arguments, layer names and numbers.
+
+  `depthwise_impl` chooses the depthwise-convolution formulation (see
+  `depthwise.py`); 'auto' picks the fast one for the backend.
+  """
+
+  penultimate_filters: int = 4032
+  num_blocks: int = 6
+  stem_block_filters: int = 96
+  skip_reduction: bool = True
+  filter_multiplier: int = 2
+  depthwise_impl: str = 'auto'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    fm, n = self.filter_multiplier, self.num_blocks
+    if self.penultimate_filters % (24 * fm**2):
+      raise ValueError(f'penultimate_filters must be a multiple of 24 * filter_multiplier**2 = {24 * fm**2}, '
+                       f'got {self.penultimate_filters}')
+    if self.depthwise_impl not in IMPLEMENTATIONS:
+      raise ValueError(f'Unknown depthwise_impl {self.depthwise_impl!r}; known: {IMPLEMENTATIONS}')
+    filters = self.penultimate_filters // 24
+    cell = functools.partial(self._cell, train=train)
+
+    x = nn.Conv(self.stem_block_filters, (3, 3), (2, 2), padding='VALID', use_bias=False, dtype=self.dtype,
+                kernel_init=_HE_NORMAL, name='stem_conv1')(x)
+    x = self._bn(x, 'stem_bn1', train)
+    x, p = cell(_REDUCTION_CELL, x, None, filters // fm**2, 'stem_1')
+    x, p = cell(_REDUCTION_CELL, x, p, filters // fm, 'stem_2')
+    for stage in range(3):
+      stage_filters = filters * fm**stage
+      if stage:
+        x, p_reduced = cell(_REDUCTION_CELL, x, p, stage_filters, f'reduce_{stage * n}')
+        p = p if self.skip_reduction else p_reduced
+      # Keras numbers normal cells 0..n-1, then n+1..2n after reduce_n, then 2n+1..3n.
+      first_id = stage * n + (1 if stage else 0)
+      for i in range(first_id, first_id + n):
+        x, p = cell(_NORMAL_CELL, x, p, stage_filters, str(i))
+    return nn.relu(x)
+
+  def _conv(self, x: jax.Array, filters: int, name: str) -> jax.Array:
+    return PointwiseConv(filters, self.dtype, _HE_NORMAL, name=name)(x)
+
+  def _bn(self, x: jax.Array, name: str, train: bool) -> jax.Array:
+    # Two-pass variance, as TensorFlow's moments computes it.
+    return nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
+                        use_fast_variance=False, dtype=self.dtype, name=name)(x)
+
+  def _separable_block(self, x: jax.Array, filters: int, kernel: int, stride: int, block_id: str,
+                       train: bool) -> jax.Array:
+    """Keras `_separable_conv_block`: twice relu -> separable conv -> BN; only the first may stride."""
+    for i, s in ((1, stride), (2, 1)):
+      x = nn.relu(x)
+      padding = correct_pad(x.shape, kernel) if s == 2 else 'SAME'
+      x = SeparableConv(filters, (kernel, kernel), (s, s), padding, self.depthwise_impl, self.dtype,
+                        name=f'separable_conv_{i}_{block_id}')(x)
+      x = self._bn(x, f'separable_conv_{i}_bn_{block_id}', train)
+    return x
+
+  def _adjust(self, p: jax.Array | None, ip: jax.Array, filters: int, block_id: str, train: bool) -> jax.Array:
+    """Keras `_adjust_block`: brings the previous cell's input `p` to the size and width of `ip`."""
+    if p is None:
+      return ip
+    if p.shape[2] != ip.shape[2]:  # Halve the size: two 1x1 convs on the even and the shifted odd pixels.
+      p = nn.relu(p)
+      even = p[:, ::2, ::2]
+      odd = jnp.pad(p[:, 1:, 1:], ((0, 0), (0, 1), (0, 1), (0, 0)))[:, ::2, ::2]
+      p = jnp.concatenate([self._conv(even, filters // 2, f'adjust_conv_1_{block_id}'),
+                           self._conv(odd, filters // 2, f'adjust_conv_2_{block_id}')], axis=-1)
+    elif p.shape[-1] != filters:
+      p = self._conv(nn.relu(p), filters, f'adjust_conv_projection_{block_id}')
+    else:
+      return p
+    return self._bn(p, f'adjust_bn_{block_id}', train)
+
+  def _cell(self, cell: _Cell, ip: jax.Array, p: jax.Array | None, filters: int, block_id: str,
+            train: bool) -> tuple[jax.Array, jax.Array]:
+    """One normal or reduction cell; returns (output, ip): the next cell's `p` is this cell's input."""
+    p = self._adjust(p, ip, filters, block_id, train)
+    h = self._conv(nn.relu(ip), filters, f'{cell.name}_conv_1_{block_id}')
+    h = self._bn(h, f'{cell.name}_bn_1_{block_id}', train)
+    tensors: dict[str | int, jax.Array] = {'h': h, 'p': p}
+    for k, branches in enumerate(cell.blocks, start=1):
+      outputs = []
+      for source, op in branches:
+        if isinstance(op, _Sep):
+          sep_id = f'{cell.name}_{op.name}_{block_id}'
+          outputs.append(self._separable_block(tensors[source], filters, op.kernel, op.stride, sep_id, train))
+        else:
+          outputs.append(op(tensors[source]))
+      tensors[k] = outputs[0] + outputs[1]
+    return jnp.concatenate([tensors[k] for k in cell.outputs], axis=-1), ip
