@@ -387,7 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     reporting.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
   progress = trainer.checkpoints.latest_progress()
   if progress is None:
-    progress = {'epoch': 0, 'phase': 0, 'phase_epoch': 0, 'phase_done': False, 'history': [],
+    progress = {'epoch': 0, 'phase': 0, 'phase_epoch': 0, 'stopped_early': False, 'history': [],
                 'early_stopping': {}}
     state = trainer.new_state(initial_variables(trainer.model, config), 0)
   else:
@@ -405,15 +405,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _train(trainer: Trainer, state: TrainState, progress: dict[str, Any], stopper: EarlyStopping) -> None:
   config = trainer.config
-  start_phase = progress['phase'] + (1 if progress['phase_done'] else 0)
-  for phase_index in range(start_phase, len(trainer.phases)):
+  # Judged against the current config, so a resumed run may be given more epochs.
+  saved_phase_done = (progress['stopped_early'] or
+                      progress['phase_epoch'] >= trainer.phases[progress['phase']].num_epochs)
+  for phase_index in range(progress['phase'] + saved_phase_done, len(trainer.phases)):
     phase = trainer.phases[phase_index]
-    resuming_mid_phase = phase_index == progress['phase'] and not progress['phase_done']
-    if not resuming_mid_phase:
+    if phase_index != progress['phase']:
       state = _replicate(trainer.new_state({'params': state.params, 'batch_stats': state.batch_stats}, phase_index,
                                            step=int(state.step)), trainer.mesh)
       stopper.start_phase()
-      progress.update(phase=phase_index, phase_epoch=0, phase_done=False)
+      progress.update(phase=phase_index, phase_epoch=0, stopped_early=False)
     train_fn, eval_fn = compile_steps(trainer.mesh, phase, config)
     schedule = make_schedule(phase, trainer.steps_per_epoch)
     bar = tqdm(range(progress['phase_epoch'], phase.num_epochs), desc=f'phase {phase.name}', unit='epoch',
@@ -430,8 +431,7 @@ def _train(trainer: Trainer, state: TrainState, progress: dict[str, Any], stoppe
                 'learning_rate': float(schedule((phase_epoch + 1) * trainer.steps_per_epoch - 1)),
                 'seconds': time.time() - started}
       progress['history'].append(record)
-      progress.update(epoch=epoch, phase_epoch=phase_epoch + 1,
-                      phase_done=stopper.should_stop or phase_epoch + 1 == phase.num_epochs,
+      progress.update(epoch=epoch, phase_epoch=phase_epoch + 1, stopped_early=stopper.should_stop,
                       early_stopping={'best_value': stopper.best_value, 'best_epoch': stopper.best_epoch,
                                       'wait': stopper.wait})
       trainer.checkpoints.save(epoch, _savable(state), _json_safe(progress), is_best=improved)
@@ -493,7 +493,7 @@ def _final_report(trainer: Trainer) -> dict[str, Any]:
   checkpoints_.close()
   _, eval_fn = compile_steps(trainer.mesh, trainer.phases[chosen['phase']], config)
   outputs = evaluate(eval_fn, state, trainer.readers['test'], config.eval_batch_size, keep_images=True)
-  result = metrics.from_logits(outputs['label'], outputs['logits'])
+  result = metrics.from_logits(outputs['label'], outputs['logits'], bootstrap_samples=1000, seed=config.seed)
   result.update({
       'best_epoch': chosen['epoch'],
       'checkpoint': source,

@@ -1,0 +1,245 @@
+"""The training system on a tiny fixture: it learns, freezes, stops, resumes, scales and reports honestly."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from sklearn import metrics as sk_metrics
+
+from configs import default
+from covid_jax import train
+
+ROOT = Path(__file__).resolve().parents[1]
+# The smallest legal NASNet: the same cell code as NASNetLarge, tiny and fast.
+TINY_NASNET = {'penultimate_filters': 96, 'num_blocks': 1, 'stem_block_filters': 8, 'skip_reduction': False}
+
+
+def tiny_config(data_dir: Path, **overrides) -> ml_collections.ConfigDict:
+  config = default.get_config()
+  config.data_dir = str(data_dir)
+  config.model.name = 'nasnet'
+  config.model.image_size = 32
+  for key, value in TINY_NASNET.items():
+    config.model.nasnet[key] = value
+  config.model.head.dims = (16,)
+  config.init_from = None
+  config.freeze_backbone = False
+  config.fine_tune.num_epochs = 0
+  config.num_epochs = 3
+  config.batch_size = 32
+  config.eval_batch_size = 64
+  config.learning_rate = 3e-3
+  config.end_learning_rate = 1e-4
+  config.label_smoothing = 0.1
+  config.log_every_steps = 2
+  config.prediction_grid_size = 4
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+def _history(workdir: Path) -> list[dict]:
+  return json.loads((workdir / 'history.json').read_text())
+
+
+def _latest_params(workdir: Path) -> dict:
+  directory = workdir / 'checkpoints' / 'latest'
+  (step,) = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(directory / str(step) / 'state')['params']
+
+
+@pytest.fixture(scope='module')
+def learned_run(built_dataset, tmp_path_factory):
+  data_dir, manifest = built_dataset
+  workdir = tmp_path_factory.mktemp('learned')
+  config = tiny_config(data_dir, num_epochs=8, **{'early_stopping.patience': 8})
+  return workdir, train.train_and_evaluate(config, str(workdir)), manifest
+
+
+def test_training_learns_and_reports(learned_run):
+  workdir, result, manifest = learned_run
+  history = _history(workdir)
+  assert history[-1]['train_loss'] < history[0]['train_loss']
+  test_counts = manifest['counts']['test']
+  majority = max(test_counts.values()) / sum(test_counts.values())
+  assert result['accuracy'] > majority
+  assert result['split_sizes'] == {s: sum(manifest['counts'][s].values()) for s in ('train', 'val', 'test')}
+  written = json.loads((workdir / 'test_metrics.json').read_text())
+  assert written['best_epoch'] == max(history, key=lambda r: r['val_accuracy'])['epoch']
+  for name in ('training_curves.png', 'confusion_matrix.png', 'roc_curve.png', 'prediction_grid.png', 'config.json'):
+    assert (workdir / name).stat().st_size > 0
+  assert any((workdir / 'tensorboard').iterdir())
+
+
+def test_frozen_backbone_is_bit_identical(built_dataset, tmp_path):
+  data_dir, _ = built_dataset
+  config = tiny_config(data_dir, num_epochs=1, freeze_backbone=True)
+  trainer = train.Trainer(config, str(tmp_path))
+  state = train._replicate(trainer.new_state(train.initial_variables(trainer.model, config), 0), trainer.mesh)
+  before = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
+  train_fn, _ = train.compile_steps(trainer.mesh, trainer.phases[0], config)
+  state, _ = train._train_epoch(trainer, train_fn, state, epoch=1)
+  after = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
+  for collection in ('params', 'batch_stats'):
+    same = jax.tree.map(np.array_equal, before[collection]['backbone'], after[collection]['backbone'])
+    assert all(jax.tree.leaves(same)), collection
+  head_changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before['params']['head'], after['params']['head'])
+  assert all(jax.tree.leaves(head_changed))
+
+
+def test_fine_tune_unfreezes_only_trailing_non_batchnorm_layers(built_dataset, tmp_path):
+  data_dir, _ = built_dataset
+  config = tiny_config(data_dir, freeze_backbone=True, **{'fine_tune.num_epochs': 1, 'fine_tune.unfreeze_layers': 3})
+  trainer = train.Trainer(config, str(tmp_path))
+  variables = train.initial_variables(trainer.model, config)
+  labels = train.param_labels(variables['params'], variables['batch_stats'], trainer.layer_order, trainer.phases[1], 3)
+  trained = [name for name in trainer.layer_order
+             if name in labels['backbone'] and set(jax.tree.leaves(labels['backbone'][name])) == {'train'}]
+  weighted = [n for n in trainer.layer_order if n in variables['params']['backbone']
+              and n not in variables['batch_stats']['backbone']]
+  assert trained == weighted[-3:]
+  assert set(jax.tree.leaves(labels['head'])) == {'train'}
+
+
+@pytest.mark.parametrize('values,patience,min_delta,stop_epoch,best_epoch', [
+    ([0.5, 0.6, 0.6, 0.55, 0.7, 0.6, 0.6, 0.6], 3, 0.0, 8, 5),
+    ([0.5, 0.6, 0.61, 0.6, 0.6], 2, 0.05, 4, 2),
+    ([0.9, 0.8, 0.7], 2, 0.0, 3, 1),
+])
+def test_early_stopping_rule(values, patience, min_delta, stop_epoch, best_epoch):
+  stopper = train.EarlyStopping('val_accuracy', patience, min_delta)
+  for epoch, value in enumerate(values, start=1):
+    stopper.update(value, epoch)
+    if stopper.should_stop:
+      break
+  assert (epoch, stopper.best_epoch) == (stop_epoch, best_epoch)
+
+
+def test_early_stopping_keeps_the_best_checkpoint(built_dataset, tmp_path, monkeypatch):
+  data_dir, _ = built_dataset
+  scripted = iter([0.50, 0.70, 0.65, 0.70, 0.60, 0.69, 0.99])
+  real = train.split_metrics
+
+  def scripted_val(outputs, smoothing, prefix):
+    scores = real(outputs, smoothing, prefix)
+    return {**scores, 'val_accuracy': next(scripted)} if prefix == 'val' else scores
+
+  monkeypatch.setattr(train, 'split_metrics', scripted_val)
+  config = tiny_config(data_dir, num_epochs=7, **{'early_stopping.patience': 3})
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert [r['epoch'] for r in _history(tmp_path)] == [1, 2, 3, 4, 5]
+  assert result['best_epoch'] == 2 and result['checkpoint'] == 'best'
+  assert sorted(p.name for p in (tmp_path / 'checkpoints' / 'best').iterdir() if p.name.isdigit()) == ['2']
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(built_dataset, tmp_path, monkeypatch):
+  data_dir, _ = built_dataset
+  config = tiny_config(data_dir, num_epochs=3)
+  whole = train.train_and_evaluate(config, str(tmp_path / 'whole'))
+
+  real_epoch = train._train_epoch
+
+  def interrupted(trainer, train_fn, state, epoch):
+    if epoch == 3:
+      raise KeyboardInterrupt
+    return real_epoch(trainer, train_fn, state, epoch)
+
+  monkeypatch.setattr(train, '_train_epoch', interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  monkeypatch.setattr(train, '_train_epoch', real_epoch)
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert [r['epoch'] for r in _history(tmp_path / 'resumed')] == [1, 2, 3]
+  assert resumed == whole
+  same = jax.tree.map(np.array_equal, _latest_params(tmp_path / 'whole'), _latest_params(tmp_path / 'resumed'))
+  assert all(jax.tree.leaves(same))
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(built_dataset, tmp_path):
+  data_dir, _ = built_dataset
+  train.train_and_evaluate(tiny_config(data_dir, num_epochs=1), str(tmp_path))
+  good = _latest_params(tmp_path)
+  with pytest.raises(train.NonFiniteLossError, match=r'loss is nan at step \d+'):
+    train.train_and_evaluate(tiny_config(data_dir, num_epochs=2, learning_rate=float('nan')), str(tmp_path))
+  assert all(jax.tree.leaves(jax.tree.map(np.array_equal, good, _latest_params(tmp_path))))
+
+
+def test_test_metrics_agree_with_sklearn_on_fixed_logits(built_dataset, tmp_path, monkeypatch):
+  data_dir, manifest = built_dataset
+  n = sum(manifest['counts']['test'].values())
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 2, n)
+  logits = rng.normal(size=(n, 2)) + np.stack([1 - labels, labels], 1) * 0.8
+  real = train.evaluate
+
+  def fixed(eval_fn, state, reader, batch_size, keep_images=False):
+    outputs = real(eval_fn, state, reader, batch_size, keep_images)
+    if keep_images:  # The test split.
+      outputs.update(label=labels, logits=logits)
+    return outputs
+
+  monkeypatch.setattr(train, 'evaluate', fixed)
+  train.train_and_evaluate(tiny_config(data_dir, num_epochs=1), str(tmp_path))
+  written = json.loads((tmp_path / 'test_metrics.json').read_text())
+  predicted = logits.argmax(1)
+  covid_probability = np.exp(logits[:, 1]) / np.exp(logits).sum(1)
+  assert written['accuracy'] == pytest.approx(sk_metrics.accuracy_score(labels, predicted))
+  assert written['precision'] == pytest.approx(sk_metrics.precision_score(labels, predicted, pos_label=1))
+  assert written['recall'] == pytest.approx(sk_metrics.recall_score(labels, predicted, pos_label=1))
+  assert written['specificity'] == pytest.approx(sk_metrics.recall_score(labels, predicted, pos_label=0))
+  assert written['f1'] == pytest.approx(sk_metrics.f1_score(labels, predicted, pos_label=1))
+  assert written['roc_auc'] == pytest.approx(sk_metrics.roc_auc_score(labels, covid_probability))
+  assert written['confusion_matrix'] == sk_metrics.confusion_matrix(labels, predicted, labels=[0, 1]).tolist()
+  assert written['per_class']['covid']['support'] == int(labels.sum())
+  assert written['per_class']['covid']['recall'] == pytest.approx(written['recall'])
+
+
+def test_missing_init_from_says_how_to_port(built_dataset, tmp_path):
+  data_dir, _ = built_dataset
+  config = tiny_config(data_dir, init_from=str(tmp_path / 'nowhere'))
+  with pytest.raises(FileNotFoundError, match='scripts/port_keras_weights.py --model nasnet'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_invalid_config_values_name_the_key(built_dataset, tmp_path):
+  data_dir, _ = built_dataset
+  with pytest.raises(ValueError, match='model.pooling'):
+    train.validate_config(tiny_config(data_dir, **{'model.pooling': 'mean'}))
+  with pytest.raises(ValueError, match='model.nasnet.num_blocks only applies to NASNet'):
+    train.validate_config(tiny_config(data_dir, **{'model.name': 'resnet50'}))
+
+
+def _main(workdir: Path, *overrides: str, devices: int = 1) -> subprocess.CompletedProcess:
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  return subprocess.run([sys.executable, '-m', 'covid_jax.main', '--config=configs/demo.py', f'--workdir={workdir}',
+                         *overrides], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def test_mistyped_override_fails(tmp_path):
+  result = _main(tmp_path, '--config.num_epoch=3')
+  assert result.returncode != 0 and 'num_epoch' in result.stderr
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_one_and_two_devices_agree(built_dataset, tmp_path):
+  data_dir, _ = built_dataset
+  overrides = [f'--config.data_dir={data_dir}', '--config.model.image_size=32', '--config.num_epochs=2',
+               '--config.model.head.dropout=0.0', '--config.model.head.dims=(16,)', '--config.batch_size=32',
+               '--config.model.nasnet.penultimate_filters=96', '--config.model.nasnet.stem_block_filters=8',
+               '--config.warmup_epochs=0']
+  for devices in (1, 2):
+    result = _main(tmp_path / str(devices), *overrides, devices=devices)
+    assert result.returncode == 0, result.stderr[-3000:]
+  one, two = (_history(tmp_path / str(d)) for d in (1, 2))
+  for a, b in zip(one, two):
+    for key in ('train_loss', 'val_loss', 'val_accuracy'):
+      assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+  metrics_one, metrics_two = (json.loads((tmp_path / str(d) / 'test_metrics.json').read_text()) for d in (1, 2))
+  assert metrics_one['roc_auc'] == pytest.approx(metrics_two['roc_auc'], abs=1e-4)
