@@ -75,18 +75,18 @@ def _assemble(layers: Mapping[str, Mapping[str, np.ndarray]], name: str, overrid
       raise ValueError(f'{source}: layer {layer_name!r}: {e}') from None
     for collection, tree in converted.items():
       variables.setdefault(collection, {})[layer_name] = tree
-  _check_matches(variables, expected_shapes(name, **overrides), source)
+  check_matches(variables, expected_shapes(name, **overrides), source)
   return jax.tree.map(jnp.asarray, variables)
 
 
-def _check_matches(got: Variables, want: Variables, source: str) -> None:
+def check_matches(got: Variables, want: Variables, source: str) -> None:
   """Raises naming every leaf that is missing, extra or of the wrong shape."""
   got_leaves = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(got)}
   want_leaves = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(want)}
   problems = [f'missing {k} (shape {want_leaves[k]})' for k in sorted(want_leaves.keys() - got_leaves.keys())]
   problems += [f'extra {k} (shape {got_leaves[k]})' for k in sorted(got_leaves.keys() - want_leaves.keys())]
   problems += [
-      f'wrong shape {k}: {got_leaves[k]} from Keras, {want_leaves[k]} expected'
+      f'wrong shape {k}: {got_leaves[k]} in the source, {want_leaves[k]} expected'
       for k in sorted(got_leaves.keys() & want_leaves.keys())
       if tuple(got_leaves[k]) != tuple(want_leaves[k])
   ]

@@ -44,5 +44,5 @@ def load_ported(directory: str, name: str, **overrides: Any) -> port.Variables:
   want = port.expected_shapes(name, **overrides)
   with ocp.StandardCheckpointer() as checkpointer:
     stored = checkpointer.metadata(path).item_metadata.tree
-    port._check_matches(stored, want, source=f'ported checkpoint {path}')  # pylint: disable=protected-access
+    port.check_matches(stored, want, source=f'ported checkpoint {path}')
     return checkpointer.restore(path, want)
