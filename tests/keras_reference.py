@@ -14,8 +14,13 @@ from covid_jax import models
 NASNET_ARGS = ('penultimate_filters', 'num_blocks', 'stem_block_filters', 'skip_reduction', 'filter_multiplier')
 
 
-def keras_backbone(name: str, input_shape: tuple[int, int, int], **overrides: Any) -> keras.Model:
-  """keras.applications model for backbone `name` with include_top=False and weights=None."""
+def keras_backbone(name: str, input_shape: tuple[int, int, int], seed: int = 0, **overrides: Any) -> keras.Model:
+  """keras.applications model for backbone `name` with include_top=False and weights=None.
+
+  The initial weights come from `seed`, not from whatever the global Keras RNG
+  holds after earlier tests, so each test sees the same model in any order.
+  """
+  keras.utils.set_random_seed(seed)
   spec = models.get_spec(name)
   if spec.keras_application == 'NASNet':
     args = {k: v for k, v in {**spec.defaults, **overrides}.items() if k in NASNET_ARGS}
