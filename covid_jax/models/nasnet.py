@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from covid_jax.models.depthwise import IMPLEMENTATIONS, PointwiseConv, SeparableConv
+from covid_jax.models.depthwise import PointwiseConv, SeparableConv
 
 LARGE = dict(penultimate_filters=4032, num_blocks=6, stem_block_filters=96, skip_reduction=True, filter_multiplier=2)
 MOBILE = dict(penultimate_filters=1056, num_blocks=4, stem_block_filters=32, skip_reduction=False, filter_multiplier=2)
@@ -34,8 +34,8 @@ def _zero_pad(x: jax.Array, kernel: int) -> jax.Array:
 
 
 def _avg_pool_same(x: jax.Array) -> jax.Array:
-  """3x3 stride-1 'same' average; like Keras, the padding is not counted."""
-  return nn.avg_pool(x, (3, 3), padding='SAME', count_include_pad=False)
+  """3x3 stride-1 'same' average, not counting the padding (as Keras); Flax divides in float32: cast back."""
+  return nn.avg_pool(x, (3, 3), padding='SAME', count_include_pad=False).astype(x.dtype)
 
 
 def _avg_pool_reduce(x: jax.Array) -> jax.Array:
@@ -112,6 +112,7 @@ class NASNet(nn.Module):
   filter_multiplier: int = 2
   depthwise_impl: str = 'auto'
   dtype: Any = jnp.float32
+  axis_name: str | None = None  # Device axis over which training-mode BN statistics are averaged.
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -119,8 +120,6 @@ class NASNet(nn.Module):
     if self.penultimate_filters % (24 * fm**2):
       raise ValueError(f'penultimate_filters must be a multiple of 24 * filter_multiplier**2 = {24 * fm**2}, '
                        f'got {self.penultimate_filters}')
-    if self.depthwise_impl not in IMPLEMENTATIONS:
-      raise ValueError(f'Unknown depthwise_impl {self.depthwise_impl!r}; known: {IMPLEMENTATIONS}')
     filters = self.penultimate_filters // 24
     cell = functools.partial(self._cell, train=train)
 
@@ -146,7 +145,7 @@ class NASNet(nn.Module):
   def _bn(self, x: jax.Array, name: str, train: bool) -> jax.Array:
     # Two-pass variance, as TensorFlow's moments computes it.
     return nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
-                        use_fast_variance=False, dtype=self.dtype, name=name)(x)
+                        use_fast_variance=False, dtype=self.dtype, axis_name=self.axis_name, name=name)(x)
 
   def _separable_block(self, x: jax.Array, filters: int, kernel: int, stride: int, block_id: str,
                        train: bool) -> jax.Array:

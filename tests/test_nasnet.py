@@ -1,0 +1,184 @@
+"""NASNet against keras.applications NASNet: outputs, parameter counts, gradients, BN training, depthwise convs."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from covid_jax import models, port
+from covid_jax.models import depthwise
+from tests.keras_reference import keras_backbone, randomize_batch_norm, relative_error
+
+# The smallest legal NASNet; skip_reduction is given per test.
+SMALL = dict(penultimate_filters=96, num_blocks=1, stem_block_filters=8, filter_multiplier=2)
+SMALL_SIZES = ((32, 32), (65, 65), (70, 58))
+IMPLS = ('shifted', 'grouped')
+# One of each kind of weight: stem conv, strided and plain separable convs, both adjust paths.
+KERNELS = ('stem_conv1', 'adjust_conv_1_stem_2', 'adjust_conv_projection_reduce_2', 'normal_conv_1_3')
+SEPARABLES = ('separable_conv_1_reduction_right1_stem_2', 'separable_conv_2_normal_left1_2')
+BATCH_NORMS = ('stem_bn1', 'adjust_bn_stem_2', 'separable_conv_1_bn_reduction_left1_reduce_1', 'normal_bn_1_3',
+               'separable_conv_2_bn_normal_left5_3')
+
+
+def _images(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+  """Random RGB 0-255 images, preprocessed as NASNet expects them."""
+  rgb = np.random.default_rng(seed).uniform(0, 255, shape).astype(np.float32)
+  return np.asarray(models.preprocess('nasnet', rgb))
+
+
+def _small_ported(skip_reduction: bool, height: int, width: int):
+  args = dict(SMALL, skip_reduction=skip_reduction)
+  keras_model = keras_backbone('nasnet', (height, width, 3), **args)
+  randomize_batch_norm(keras_model, seed=1)
+  return keras_model, port.from_keras(keras_model, 'nasnet', **args)
+
+
+@pytest.fixture(scope='module')
+def small_ported():
+  """(Keras model, ported variables) per (skip_reduction, height, width), each built once; do not train them."""
+  return functools.cache(_small_ported)
+
+
+def _flax_count(variables) -> int:
+  return sum(leaf.size for leaf in jax.tree.leaves(variables))
+
+
+# The CPU default ('auto' = shifted products) at every size; the grouped convolution at the non-square one.
+@pytest.mark.parametrize('size, impl', [*((size, 'auto') for size in SMALL_SIZES), ((70, 58), 'grouped')],
+                         ids=lambda v: f'{v[0]}x{v[1]}' if isinstance(v, tuple) else v)
+@pytest.mark.parametrize('skip_reduction', (True, False))
+def test_small_matches_keras(small_ported, skip_reduction, size, impl):
+  keras_model, variables = small_ported(skip_reduction, *size)
+  x = _images((2, *size, 3))
+  backbone = models.create_backbone('nasnet', **SMALL, skip_reduction=skip_reduction, depthwise_impl=impl)
+  got = jax.jit(backbone.apply)(variables, x)
+  want = keras_model(x, training=False).numpy()
+  assert got.shape == want.shape
+  assert relative_error(got, want) <= 1e-5
+  assert _flax_count(variables) == keras_model.count_params()
+
+
+def test_mobile_matches_keras():
+  keras_model = keras_backbone('nasnet_mobile', (224, 224, 3))
+  randomize_batch_norm(keras_model)
+  x = _images((2, 224, 224, 3))
+  variables = port.from_keras(keras_model, 'nasnet_mobile')
+  got = jax.jit(models.create_backbone('nasnet_mobile').apply)(variables, x)
+  want = keras_model(x, training=False).numpy()
+  assert got.shape == want.shape == (2, 7, 7, 1056)
+  assert relative_error(got, want) <= 1e-5
+  assert _flax_count(variables) == keras_model.count_params()
+
+
+@pytest.mark.slow
+def test_large_matches_keras():
+  keras_model = keras_backbone('nasnet_large', (331, 331, 3))
+  randomize_batch_norm(keras_model)
+  x = _images((1, 331, 331, 3))
+  variables = port.from_keras(keras_model, 'nasnet_large')
+  got = jax.jit(models.create_backbone('nasnet_large').apply)(variables, x)
+  want = keras_model(x, training=False).numpy()
+  assert got.shape == want.shape == (1, 11, 11, 4032)
+  assert relative_error(got, want) <= 1e-5
+  assert _flax_count(variables) == keras_model.count_params()
+
+
+def test_gradients_match_gradient_tape(small_ported):
+  """Through the hand-written backward of the shifted-products depthwise conv (the grouped one is XLA's own)."""
+  keras_model, variables = small_ported(False, 65, 65)
+  x = _images((2, 65, 65, 3))
+  weight = np.random.default_rng(2).normal(size=keras_model.output_shape[1:]).astype(np.float32)
+
+  x_tf = tf.constant(x)
+  layers = [keras_model.get_layer(name) for name in KERNELS + SEPARABLES]
+  wrt = [layer.kernel for layer in layers[:len(KERNELS)]]
+  wrt += [kernel for layer in layers[len(KERNELS):] for kernel in (layer.depthwise_kernel, layer.pointwise_kernel)]
+  with tf.GradientTape() as tape:
+    tape.watch(x_tf)
+    loss = tf.reduce_sum(keras_model(x_tf, training=False) * weight)
+  want_x, *want_kernels = tape.gradient(loss, [x_tf, *wrt])
+
+  backbone = models.create_backbone('nasnet', **SMALL, skip_reduction=False, depthwise_impl='shifted')
+
+  def scalar(params, x):
+    return jnp.sum(backbone.apply({**variables, 'params': params}, x) * weight)
+
+  got_params, got_x = jax.jit(jax.grad(scalar, argnums=(0, 1)))(variables['params'], x)
+  got_kernels = [got_params[name]['kernel'] for name in KERNELS]
+  got_kernels += [got_params[name][part]['kernel'] for name in SEPARABLES for part in ('depthwise', 'pointwise')]
+  assert relative_error(got_x, want_x) <= 1e-5
+  for got, want in zip(got_kernels, want_kernels):
+    want = np.asarray(want)
+    assert relative_error(got, want.reshape(got.shape)) <= 1e-5, want.shape
+
+
+def test_training_batch_norm_matches_keras():
+  keras_model, variables = _small_ported(False, 65, 65)
+  # Training normalises with batch statistics, so the stored ones do not change the output. Zero them: the
+  # update is then exactly (1 - momentum) * batch statistic, comparable to float32 precision (with random
+  # stored values the 0.03% change would drown in their rounding).
+  for layer in keras_model.layers:
+    if hasattr(layer, 'moving_mean'):
+      layer.moving_mean.assign(tf.zeros_like(layer.moving_mean))
+      layer.moving_variance.assign(tf.zeros_like(layer.moving_variance))
+  variables = {**variables, 'batch_stats': jax.tree.map(jnp.zeros_like, variables['batch_stats'])}
+  x = _images((4, 65, 65, 3))
+
+  backbone = models.create_backbone('nasnet', **SMALL, skip_reduction=False)
+  got, updates = jax.jit(functools.partial(backbone.apply, train=True, mutable=["batch_stats"]))(variables, x)
+  want = keras_model(x, training=True).numpy()
+  assert relative_error(got, want) <= 1e-5
+  for name in BATCH_NORMS:
+    layer = keras_model.get_layer(name)
+    for flax_key, keras_value in (('mean', layer.moving_mean), ('var', layer.moving_variance)):
+      assert relative_error(updates['batch_stats'][name][flax_key], keras_value) <= 1e-5, (name, flax_key)
+
+
+def test_half_precision_keeps_float32_parameters(small_ported):
+  keras_model, variables = small_ported(False, 65, 65)
+  backbone = models.create_backbone('nasnet', **SMALL, skip_reduction=False, dtype=jnp.bfloat16)
+  x = _images((2, 65, 65, 3))
+  fresh = jax.eval_shape(backbone.init, jax.random.key(0), x)
+  assert {leaf.dtype for leaf in jax.tree.leaves(fresh)} == {jnp.dtype(jnp.float32)}
+  got = jax.jit(backbone.apply)(variables, x)
+  assert got.dtype == jnp.bfloat16
+  # bfloat16 keeps 8 bits of mantissa: a few percent after some 30 layers, not a different function.
+  assert relative_error(got, keras_model(x, training=False).numpy()) <= 5e-2
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('multiplier', (1, 2))
+@pytest.mark.parametrize('stride, padding', [(1, 'SAME'), (2, 'SAME'), (1, 'VALID'), (2, 'VALID'),
+                                             (2, ((1, 2), (2, 1)))])
+def test_depthwise_conv_and_gradients_match_tensorflow(impl, multiplier, stride, padding):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 11, 8, 3)).astype(np.float32)
+  kernel = rng.normal(size=(3, 5, 3, multiplier)).astype(np.float32)  # TensorFlow's (h, w, C, multiplier).
+  tf_padding = padding if isinstance(padding, str) else [[0, 0], *map(list, padding), [0, 0]]
+  x_tf, kernel_tf = tf.constant(x), tf.constant(kernel)
+  with tf.GradientTape() as tape:
+    tape.watch([x_tf, kernel_tf])
+    want = tf.nn.depthwise_conv2d(x_tf, kernel_tf, (1, stride, stride, 1), tf_padding)
+    weight = rng.normal(size=want.shape).astype(np.float32)
+    loss = tf.reduce_sum(want * weight)
+  want_dx, want_dkernel = tape.gradient(loss, [x_tf, kernel_tf])
+
+  def conv(x, grouped_kernel):
+    return depthwise.depthwise_conv(x, grouped_kernel, (stride, stride), padding, impl)
+
+  got, vjp = jax.vjp(conv, x, kernel.reshape(3, 5, 1, 3 * multiplier))
+  got_dx, got_dkernel = vjp(jnp.asarray(weight))
+  assert got.shape == want.shape
+  assert relative_error(got, want) <= 1e-6
+  assert relative_error(got_dx, want_dx) <= 1e-6
+  assert relative_error(got_dkernel.reshape(kernel.shape), want_dkernel) <= 1e-6
+
+
+def test_depthwise_auto_avoids_grouped_convolution_on_cpu():
+  x, kernel = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 1, 4))
+  jaxpr = str(jax.make_jaxpr(functools.partial(depthwise.depthwise_conv, impl='auto'))(x, kernel))
+  assert jax.default_backend() == 'cpu'
+  assert 'conv_general_dilated' not in jaxpr
