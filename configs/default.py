@@ -31,6 +31,10 @@ def get_config() -> ml_collections.ConfigDict:
       'skip_reduction': config_dict.placeholder(bool),
       'filter_multiplier': config_dict.placeholder(int),
   })
+  # Backbone BatchNorm momentum; None keeps Keras's (ResNet50 0.99, NASNet 0.9997). Training a
+  # backbone from scratch for a few hundred steps needs a faster one: at 0.9997 the moving
+  # averages barely leave their initial 0/1, and inference mode predicts one class.
+  config.model.bn_momentum = config_dict.placeholder(float)
   # The study's head: BN -> Dense 512 (ReLU, L1L2) -> BN -> Dropout -> Dense 256 (ReLU) -> BN -> Dense 2.
   config.model.head = ml_collections.ConfigDict()
   config.model.head.dims = (512, 256)  # Hidden Dense widths.

@@ -23,6 +23,7 @@ def get_config():
   config.model.nasnet.num_blocks = 1
   config.model.nasnet.stem_block_filters = 16
   config.model.nasnet.skip_reduction = False
+  config.model.bn_momentum = 0.9  # From scratch in a few hundred steps (see default.py).
   config.model.head.dims = (64, 32)
   config.init_from = None
   config.freeze_backbone = False  # Random init: train everything, backbone BN included.

@@ -91,14 +91,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   nasnet_args = {k: v for k, v in config.model.nasnet.items() if v is not None}
   checks.append((not nasnet_args or config.model.name in _NASNET_NAMES,
                  f'model.nasnet.{",".join(nasnet_args)} only applies to NASNet backbones, not {config.model.name}'))
+  checks.append((config.model.bn_momentum is None or config.model.name != 'vgg16',
+                 'model.bn_momentum: vgg16 has no BatchNorm'))
   problems = [message for ok, message in checks if not ok]
   if problems:
     raise ValueError('invalid config: ' + '; '.join(problems))
 
 
 def backbone_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Architecture arguments of the backbone beyond its preset (the generic NASNet sizes)."""
-  return {k: v for k, v in config.model.nasnet.items() if v is not None}
+  """Backbone arguments beyond its preset: the generic NASNet sizes and a BN momentum, when set."""
+  args = {k: v for k, v in config.model.nasnet.items() if v is not None}
+  if config.model.bn_momentum is not None:
+    args['bn_momentum'] = config.model.bn_momentum
+  return args
 
 
 def create_model(config: ml_collections.ConfigDict) -> Classifier:
@@ -224,9 +229,12 @@ def compile_steps(mesh: jax.sharding.Mesh, phase: Phase, config: ml_collections.
   """(train_step, eval_step) mapped over the mesh and jitted; the train state is donated."""
   train = functools.partial(train_step, phase=phase, label_smoothing=config.label_smoothing,
                             l1=config.model.head.l1, l2=config.model.head.l2)
-  train = jax.jit(jax.shard_map(train, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P())),
-                  donate_argnums=0)
-  evaluate = jax.jit(jax.shard_map(eval_step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)))
+  # check_vma=False gives pmap's semantics: gradients inside the body are local to the device and
+  # are averaged explicitly with pmean (with vma checking, the gradient of a replicated parameter
+  # would already be summed over devices).
+  mapped = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
+  train = jax.jit(mapped(train, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P())), donate_argnums=0)
+  evaluate = jax.jit(mapped(eval_step, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)))
   return train, evaluate
 
 

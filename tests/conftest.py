@@ -1,10 +1,15 @@
-"""Test-wide settings: CPU only, quiet TensorFlow, float32 matmuls at full precision."""
+"""Test-wide settings: CPU only, quiet TensorFlow, float32 matmuls at full precision, compilation cache."""
 
 import os
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+# Many tests (and their subprocesses) compile the same small models: a persistent
+# compilation cache turns the repeats into loads.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, '.jax_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
 
 import jax  # noqa: E402
 

@@ -28,6 +28,7 @@ def tiny_config(data_dir: Path, **overrides) -> ml_collections.ConfigDict:
   config.model.image_size = 32
   for key, value in TINY_NASNET.items():
     config.model.nasnet[key] = value
+  config.model.bn_momentum = 0.9
   config.model.head.dims = (16,)
   config.init_from = None
   config.freeze_backbone = False

@@ -113,6 +113,7 @@ class NASNet(nn.Module):
   depthwise_impl: str = 'auto'
   dtype: Any = jnp.float32
   axis_name: str | None = None  # Device axis over which training-mode BN statistics are averaged.
+  bn_momentum: float = _BN_MOMENTUM  # Keras's; lower it to train from scratch in few steps.
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -144,7 +145,7 @@ class NASNet(nn.Module):
 
   def _bn(self, x: jax.Array, name: str, train: bool) -> jax.Array:
     # Two-pass variance, as TensorFlow's moments computes it.
-    return nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
+    return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=_BN_EPSILON,
                         use_fast_variance=False, dtype=self.dtype, axis_name=self.axis_name, name=name)(x)
 
   def _separable_block(self, x: jax.Array, filters: int, kernel: int, stride: int, block_id: str,

@@ -50,12 +50,13 @@ class ResNet50(nn.Module):
 
   dtype: Any = jnp.float32  # Computation dtype; parameters stay float32.
   axis_name: str | None = None  # Device axis over which training-mode BN statistics are averaged.
+  bn_momentum: float = BN_MOMENTUM  # Keras's; lower it to train from scratch in few steps.
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     conv = functools.partial(nn.Conv, dtype=self.dtype, param_dtype=jnp.float32)
     norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+        nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum, epsilon=BN_EPSILON,
         use_fast_variance=False, dtype=self.dtype, param_dtype=jnp.float32, axis_name=self.axis_name)
     x = _pad(x, 3)  # conv1_pad
     x = conv(64, (7, 7), strides=2, padding='VALID', name='conv1_conv')(x)
