@@ -7,8 +7,10 @@ which generates 600 synthetic images, builds them at 64 px, and runs
     python -m covid_jax.main --config=configs/demo.py --workdir=runs/demo
 
 A small generic NASNet (the same cell code as NASNetLarge) trained end to end
-with the study's head, optimiser, schedule and augmentation. Expected: test
-accuracy of at least 0.90 on the synthetic test split, in a few minutes on 2 CPU cores.
+with the study's head, optimiser, schedule and augmentation. Measured on 2 CPU
+cores: 3.5 minutes, early stop at epoch 22 (best 12), test accuracy 0.76
+(bootstrap 95% CI 0.68-0.83), ROC AUC 0.82. It overfits the 384 training images
+(train accuracy 0.99); the 0.90 target is not reached yet.
 """
 
 from configs import default

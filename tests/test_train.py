@@ -18,7 +18,8 @@ from covid_jax import train
 
 ROOT = Path(__file__).resolve().parents[1]
 # The smallest legal NASNet: the same cell code as NASNetLarge, tiny and fast.
-TINY_NASNET = {'penultimate_filters': 96, 'num_blocks': 1, 'stem_block_filters': 8, 'skip_reduction': False}
+TINY_NASNET = {'penultimate_filters': 96, 'num_blocks': 1, 'stem_block_filters': 8, 'skip_reduction': False,
+               'depthwise_impl': 'grouped'}  # Its gradients compile ~5x faster on CPU.
 
 
 def tiny_config(data_dir: Path, **overrides) -> ml_collections.ConfigDict:
@@ -167,8 +168,9 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(built_da
   data_dir, _ = built_dataset
   train.train_and_evaluate(tiny_config(data_dir, num_epochs=1), str(tmp_path))
   good = _latest_params(tmp_path)
-  with pytest.raises(train.NonFiniteLossError, match=r'loss is nan at step \d+'):
-    train.train_and_evaluate(tiny_config(data_dir, num_epochs=2, learning_rate=float('nan')), str(tmp_path))
+  # An absurd learning rate blows the parameters up within a few steps of the resumed second epoch.
+  with pytest.raises(train.NonFiniteLossError, match=r'loss is (nan|inf|-inf) at step \d+'):
+    train.train_and_evaluate(tiny_config(data_dir, num_epochs=2, learning_rate=1e30), str(tmp_path))
   assert all(jax.tree.leaves(jax.tree.map(np.array_equal, good, _latest_params(tmp_path))))
 
 
@@ -213,7 +215,7 @@ def test_invalid_config_values_name_the_key(built_dataset, tmp_path):
   data_dir, _ = built_dataset
   with pytest.raises(ValueError, match='model.pooling'):
     train.validate_config(tiny_config(data_dir, **{'model.pooling': 'mean'}))
-  with pytest.raises(ValueError, match='model.nasnet.num_blocks only applies to NASNet'):
+  with pytest.raises(ValueError, match=r'model\.nasnet\..*num_blocks.* only applies to NASNet backbones, not resnet50'):
     train.validate_config(tiny_config(data_dir, **{'model.name': 'resnet50'}))
 
 
@@ -234,6 +236,7 @@ def test_one_and_two_devices_agree(built_dataset, tmp_path):
   overrides = [f'--config.data_dir={data_dir}', '--config.model.image_size=32', '--config.num_epochs=2',
                '--config.model.head.dropout=0.0', '--config.model.head.dims=(16,)', '--config.batch_size=32',
                '--config.model.nasnet.penultimate_filters=96', '--config.model.nasnet.stem_block_filters=8',
+               '--config.model.nasnet.depthwise_impl=grouped',
                '--config.warmup_epochs=0']
   for devices in (1, 2):
     result = _main(tmp_path / str(devices), *overrides, devices=devices)
