@@ -61,29 +61,25 @@ def test_small_matches_keras(small_ported, skip_reduction, size, impl):
   assert _flax_count(variables) == keras_model.count_params()
 
 
-def test_mobile_matches_keras():
-  keras_model = keras_backbone('nasnet_mobile', (224, 224, 3))
+def _assert_preset_matches_keras(name: str, size: int, batch: int, out_shape: tuple[int, ...]) -> None:
+  keras_model = keras_backbone(name, (size, size, 3))
   randomize_batch_norm(keras_model)
-  x = _images((2, 224, 224, 3))
-  variables = port.from_keras(keras_model, 'nasnet_mobile')
-  got = jax.jit(models.create_backbone('nasnet_mobile').apply)(variables, x)
+  x = _images((batch, size, size, 3))
+  variables = port.from_keras(keras_model, name)
+  got = jax.jit(models.create_backbone(name).apply)(variables, x)
   want = keras_model(x, training=False).numpy()
-  assert got.shape == want.shape == (2, 7, 7, 1056)
+  assert got.shape == want.shape == out_shape
   assert relative_error(got, want) <= 1e-5
   assert _flax_count(variables) == keras_model.count_params()
+
+
+def test_mobile_matches_keras():
+  _assert_preset_matches_keras('nasnet_mobile', 224, 2, (2, 7, 7, 1056))
 
 
 @pytest.mark.slow
 def test_large_matches_keras():
-  keras_model = keras_backbone('nasnet_large', (331, 331, 3))
-  randomize_batch_norm(keras_model)
-  x = _images((1, 331, 331, 3))
-  variables = port.from_keras(keras_model, 'nasnet_large')
-  got = jax.jit(models.create_backbone('nasnet_large').apply)(variables, x)
-  want = keras_model(x, training=False).numpy()
-  assert got.shape == want.shape == (1, 11, 11, 4032)
-  assert relative_error(got, want) <= 1e-5
-  assert _flax_count(variables) == keras_model.count_params()
+  _assert_preset_matches_keras('nasnet_large', 331, 1, (1, 11, 11, 4032))
 
 
 def test_gradients_match_gradient_tape(small_ported):
