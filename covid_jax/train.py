@@ -147,7 +147,7 @@ def backbone_layer_order(model: Classifier, config: ml_collections.ConfigDict) -
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
-    jax.eval_shape(lambda: _init(model, config))
+    initial_shapes_only(model, config)
   return order
 
 
@@ -290,14 +290,13 @@ def evaluate(eval_fn: Callable, state: TrainState, reader: input_pipeline.SplitR
       local[key].append(_host_local(value))
     if keep_images:
       local['image'].append(_host_local(batch['image']).astype(np.uint8))
-  mask = np.concatenate(local['mask'])
+  local_real = np.concatenate(local['mask']).astype(bool)
   result = {k: multihost_utils.process_allgather(np.concatenate(local[k]), tiled=True) for k in ('logits', 'label', 'mask')}
   real = result.pop('mask').astype(bool)
   result = {k: v[real] for k, v in result.items()}
   if keep_images:
-    result['local_image'] = np.concatenate(local['image'])[mask.astype(bool)]
-    result['local_logits'] = np.concatenate(local['logits'])[mask.astype(bool)]
-    result['local_label'] = np.concatenate(local['label'])[mask.astype(bool)]
+    for key in ('image', 'logits', 'label'):
+      result[f'local_{key}'] = np.concatenate(local[key])[local_real]
   return result
 
 
