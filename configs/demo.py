@@ -2,15 +2,16 @@
 
     bash scripts/quickstart.sh
 
-which generates 600 synthetic images, builds them at 64 px, and runs
+which generates 3,000 synthetic images, builds them at 64 px, and runs
 
     python -m covid_jax.main --config=configs/demo.py --workdir=runs/demo
 
 A small generic NASNet (the same cell code as NASNetLarge) trained end to end
-with the study's head, optimiser, schedule and augmentation. Measured on 2 CPU
-cores: 3.5 minutes, early stop at epoch 22 (best 12), test accuracy 0.76
-(bootstrap 95% CI 0.68-0.83), ROC AUC 0.82. It overfits the 384 training images
-(train accuracy 0.99); the 0.90 target is not reached yet.
+with the study's head, schedule and augmentation; AdamW and a stronger head
+dropout hold back the overfitting a from-scratch model shows on a small set.
+Measured on 2 CPU cores: 5.4 minutes of training, best epoch 19 of 30, test
+accuracy 0.93 (bootstrap 95% CI 0.91-0.95), ROC AUC 0.985. With the 600 images
+an earlier version used, the same model overfitted (train 0.99, test 0.76).
 """
 
 from configs import default
@@ -27,12 +28,15 @@ def get_config():
   config.model.nasnet.skip_reduction = False
   config.model.bn_momentum = 0.9  # From scratch in a few hundred steps (see default.py).
   config.model.head.dims = (64, 32)
+  config.model.head.dropout = 0.5
   config.init_from = None
   config.freeze_backbone = False  # Random init: train everything, backbone BN included.
   config.fine_tune.num_epochs = 0
   config.num_epochs = 30
   config.batch_size = 32
   config.eval_batch_size = 64
+  config.optimizer = 'adamw'
+  config.weight_decay = 0.05
   config.learning_rate = 3e-3
   config.end_learning_rate = 1e-5
   config.warmup_epochs = 1

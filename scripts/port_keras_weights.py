@@ -31,13 +31,11 @@ import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from keras.src.applications import nasnet as keras_nasnet  # noqa: E402
 
 from covid_jax import models, port  # noqa: E402
 from covid_jax.port import store  # noqa: E402
+from covid_jax.port.keras_models import keras_backbone  # noqa: E402
 
-# Keras-side names of the generic NASNet builder arguments.
-_NASNET_ARGS = ('penultimate_filters', 'num_blocks', 'stem_block_filters', 'skip_reduction', 'filter_multiplier')
 _CHECK_BATCH = 2
 
 
@@ -60,21 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   return args
 
 
-def keras_backbone(name: str, overrides: dict[str, Any], weights: str | None) -> keras.Model:
-  """The keras.applications model of backbone `name` with include_top=False at its default size."""
-  spec = models.get_spec(name)
-  shape = (spec.image_size, spec.image_size, 3)
-  if spec.keras_application == 'NASNet':
-    args = {k: v for k, v in {**spec.defaults, **overrides}.items() if k in _NASNET_ARGS}
-    return keras_nasnet.NASNet(input_shape=shape, include_top=False, weights=weights, default_size=spec.image_size,
-                               **args)
-  return getattr(keras.applications, spec.keras_application)(include_top=False, weights=weights, input_shape=shape)
-
-
 def load_from_file(path: str, name: str, overrides: dict[str, Any]) -> tuple[keras.Model, port.Variables, dict]:
   """Flax variables read by layer name, and the Keras model loaded as keras.applications loads the file."""
   variables = port.from_h5(path, name, **overrides)
-  model = keras_backbone(name, overrides, weights=None)
+  model = keras_backbone(name, weights=None, **overrides)
   model.load_weights(path)
   with open(path, 'rb') as f:
     sha256 = hashlib.file_digest(f, 'sha256').hexdigest()
@@ -85,7 +72,7 @@ def load_from_download(name: str, overrides: dict[str, Any], timeout: float) -> 
   """The Keras model with downloaded ImageNet weights, and its Flax variables."""
   socket.setdefaulttimeout(timeout)
   try:
-    model = keras_backbone(name, overrides, weights='imagenet')
+    model = keras_backbone(name, weights='imagenet', **overrides)
   except Exception as e:  # Keras raises a bare Exception when the download fails.
     raise SystemExit(
         f'error: Keras could not get the ImageNet weights of {name}: {e}\n'

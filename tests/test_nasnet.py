@@ -10,7 +10,8 @@ import tensorflow as tf
 
 from covid_jax import models, port
 from covid_jax.models import depthwise
-from tests.keras_reference import keras_backbone, randomize_batch_norm, relative_error
+from covid_jax.port.keras_models import keras_backbone
+from tests.keras_reference import randomize_batch_norm, relative_error
 
 # The smallest legal NASNet; skip_reduction is given per test.
 SMALL = dict(penultimate_filters=96, num_blocks=1, stem_block_filters=8, filter_multiplier=2)

@@ -10,7 +10,8 @@ import pytest
 
 from covid_jax import port
 from covid_jax.port import store
-from tests.keras_reference import keras_backbone, randomize_batch_norm, save_legacy_h5
+from covid_jax.port.keras_models import keras_backbone, save_legacy_h5
+from tests.keras_reference import randomize_batch_norm
 
 # Weights do not depend on the input size: a small one keeps the Keras models cheap.
 SHAPE = (64, 64, 3)

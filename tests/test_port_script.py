@@ -13,7 +13,8 @@ import pytest
 
 from covid_jax import port
 from covid_jax.port import store
-from tests.keras_reference import keras_backbone, randomize_batch_norm, save_legacy_h5
+from covid_jax.port.keras_models import keras_backbone, save_legacy_h5
+from tests.keras_reference import randomize_batch_norm
 from tests.test_port import assert_same_variables
 
 SCRIPT = Path(__file__).resolve().parents[1] / 'scripts' / 'port_keras_weights.py'

@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 
 from covid_jax import models, port
-from tests.keras_reference import keras_backbone, randomize_batch_norm, relative_error
+from covid_jax.port.keras_models import keras_backbone
+from tests.keras_reference import randomize_batch_norm, relative_error
 
 NAMES = ('vgg16', 'resnet50')
 KERNELS = ('conv1_conv', 'conv3_block2_2_conv', 'conv5_block3_3_conv')

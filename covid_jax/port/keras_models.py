@@ -1,0 +1,44 @@
+"""The keras.applications side of each backbone, by our backbone names.
+
+One builder for the port script, the equivalence tests and the benchmark, so
+all three compare against the same Keras model. Importing this module imports
+Keras (and its backend); the rest of covid_jax.port does not.
+"""
+
+from typing import Any
+
+import h5py
+import keras
+from keras.src.applications import nasnet as keras_nasnet
+from keras.src.legacy.saving import legacy_h5_format
+
+from covid_jax import models
+
+# Keras-side names of the generic NASNet builder arguments we expose.
+NASNET_ARGS = ('penultimate_filters', 'num_blocks', 'stem_block_filters', 'skip_reduction', 'filter_multiplier')
+
+
+def keras_backbone(name: str, input_shape: tuple[int, int, int] | None = None, weights: str | None = None,
+                   seed: int | None = 0, **overrides: Any) -> keras.Model:
+  """keras.applications model of backbone `name` with include_top=False.
+
+  `input_shape` defaults to the backbone's ImageNet size. The initial weights
+  come from `seed` (None: the global Keras RNG), not from whatever the global
+  RNG holds after earlier work, so results do not depend on what ran before.
+  """
+  if seed is not None:
+    keras.utils.set_random_seed(seed)
+  spec = models.get_spec(name)
+  input_shape = input_shape or (spec.image_size, spec.image_size, 3)
+  if spec.keras_application == 'NASNet':
+    args = {k: v for k, v in {**spec.defaults, **overrides}.items() if k in NASNET_ARGS}
+    return keras_nasnet.NASNet(input_shape=input_shape, include_top=False, weights=weights,
+                               default_size=spec.image_size, **args)
+  return getattr(keras.applications, spec.keras_application)(
+      include_top=False, weights=weights, input_shape=input_shape)
+
+
+def save_legacy_h5(model: keras.Model, path: str) -> None:
+  """Writes `model`'s weights in the legacy .h5 layout that keras.applications downloads."""
+  with h5py.File(path, 'w') as f:
+    legacy_h5_format.save_weights_to_hdf5_group(f, model)
