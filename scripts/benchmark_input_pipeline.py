@@ -7,6 +7,7 @@ Builds a synthetic dataset first when --data_dir has no manifest.json and
 """
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -40,6 +41,7 @@ def main() -> None:
   parser.add_argument('--batch_size', type=int, default=128)
   parser.add_argument('--epochs', type=int, default=4)
   parser.add_argument('--no_augment', action='store_true')
+  parser.add_argument('--json', action='store_true', help='end with a JSON line of the results')
   args = parser.parse_args()
 
   data_dir = Path(args.data_dir)
@@ -59,6 +61,10 @@ def main() -> None:
     rates.append(count / (time.perf_counter() - start))
     print(f'epoch {epoch}: {count} images, {rates[-1]:,.0f} images/s' + (' (decoding)' if epoch == 0 else ' (cached)'))
   cached = sorted(rates[1:])[len(rates[1:]) // 2] if len(rates) > 1 else float('nan')
+  if args.json:
+    print(json.dumps({'image_size': args.image_size, 'batch_size': args.batch_size, 'first_epoch_images_per_s':
+                      rates[0], 'cached_images_per_s': cached}))
+    return
   print(f'| {args.image_size} | {args.batch_size} | {"off" if args.no_augment else "on"} | {rates[0]:,.0f} | '
         f'{cached:,.0f} | {os.cpu_count()} CPU cores, {jax.devices()[0].platform} |')
 

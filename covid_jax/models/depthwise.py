@@ -122,17 +122,26 @@ class DepthwiseConv(nn.Module):
 
 
 class PointwiseConv(nn.Module):
-  """Keras Conv2D with a 1x1 kernel, stride 1 and no bias; params {'kernel': (1, 1, C, features)}."""
+  """Keras Conv2D with a 1x1 kernel; params {'kernel': (1, 1, C, features)} and, with use_bias, {'bias'}.
+
+  A stride keeps every stride-th pixel, as a strided 1x1 convolution does.
+  """
 
   features: int
+  strides: int = 1
+  use_bias: bool = False
   dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.glorot_uniform()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
-    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    return jnp.dot(x, kernel[0, 0])
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32) if self.use_bias else None
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    if self.strides > 1:
+      x = x[:, ::self.strides, ::self.strides]
+    y = jnp.dot(x, kernel[0, 0])
+    return y if bias is None else y + bias
 
 
 class SeparableConv(nn.Module):
@@ -149,4 +158,4 @@ class SeparableConv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = DepthwiseConv(self.kernel_size, self.strides, self.padding, impl=self.depthwise_impl, dtype=self.dtype,
                       name='depthwise')(x)
-    return PointwiseConv(self.features, self.dtype, name='pointwise')(x)
+    return PointwiseConv(self.features, dtype=self.dtype, name='pointwise')(x)

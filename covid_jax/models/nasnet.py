@@ -141,7 +141,7 @@ class NASNet(nn.Module):
     return nn.relu(x)
 
   def _conv(self, x: jax.Array, filters: int, name: str) -> jax.Array:
-    return PointwiseConv(filters, self.dtype, _HE_NORMAL, name=name)(x)
+    return PointwiseConv(filters, dtype=self.dtype, kernel_init=_HE_NORMAL, name=name)(x)
 
   def _bn(self, x: jax.Array, name: str, train: bool) -> jax.Array:
     # Two-pass variance, as TensorFlow's moments computes it.

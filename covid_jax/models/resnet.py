@@ -2,6 +2,8 @@
 
 This is Keras's variant, not torchvision's: the stride sits on the 1x1 convolutions
 (`_1_conv`, `_0_conv`), every convolution has a bias, and the stem pads explicitly.
+The 1x1 convolutions, two thirds of the model's, are matmuls over channels
+(`PointwiseConv`): XLA:CPU runs them 1.3-2x faster that way, forward and backward.
 """
 
 import functools
@@ -11,6 +13,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from covid_jax.models.depthwise import PointwiseConv
 
 # (bottleneck filters, blocks, stride of the first block) of stages conv2 .. conv5.
 STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
@@ -25,18 +29,18 @@ def _pad(x: jax.Array, pad: int) -> jax.Array:
   return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
 
 
-def _block(x: jax.Array, conv: Callable[..., nn.Module], norm: Callable[..., nn.Module], filters: int,
-           stride: int, project: bool, name: str) -> jax.Array:
+def _block(x: jax.Array, conv: Callable[..., nn.Module], conv1x1: Callable[..., nn.Module],
+           norm: Callable[..., nn.Module], filters: int, stride: int, project: bool, name: str) -> jax.Array:
   """Keras `residual_block_v1`: 1x1 (strided) -> 3x3 -> 1x1 bottleneck plus a shortcut."""
   shortcut = x
   if project:
-    shortcut = conv(4 * filters, (1, 1), strides=stride, padding='VALID', name=f'{name}_0_conv')(x)
+    shortcut = conv1x1(4 * filters, strides=stride, name=f'{name}_0_conv')(x)
     shortcut = norm(name=f'{name}_0_bn')(shortcut)
-  x = conv(filters, (1, 1), strides=stride, padding='VALID', name=f'{name}_1_conv')(x)
+  x = conv1x1(filters, strides=stride, name=f'{name}_1_conv')(x)
   x = nn.relu(norm(name=f'{name}_1_bn')(x))
   x = conv(filters, (3, 3), padding='SAME', name=f'{name}_2_conv')(x)
   x = nn.relu(norm(name=f'{name}_2_bn')(x))
-  x = conv(4 * filters, (1, 1), padding='VALID', name=f'{name}_3_conv')(x)
+  x = conv1x1(4 * filters, name=f'{name}_3_conv')(x)
   x = norm(name=f'{name}_3_bn')(x)
   return nn.relu(shortcut + x)
 
@@ -55,6 +59,7 @@ class ResNet50(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     conv = functools.partial(nn.Conv, dtype=self.dtype, param_dtype=jnp.float32)
+    conv1x1 = functools.partial(PointwiseConv, use_bias=True, dtype=self.dtype)
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum, epsilon=BN_EPSILON,
         use_fast_variance=False, dtype=self.dtype, param_dtype=jnp.float32, axis_name=self.axis_name)
@@ -66,5 +71,6 @@ class ResNet50(nn.Module):
     for stage, (filters, blocks, stride) in enumerate(STAGES, start=2):
       for n in range(1, blocks + 1):
         first = n == 1
-        x = _block(x, conv, norm, filters, stride if first else 1, project=first, name=f'conv{stage}_block{n}')
+        x = _block(x, conv, conv1x1, norm, filters, stride if first else 1, project=first,
+                   name=f'conv{stage}_block{n}')
     return x

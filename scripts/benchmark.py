@@ -1,0 +1,311 @@
+"""Speed of covid_jax against Keras 3 on the same machine, the same weights and the same inputs.
+
+  python scripts/benchmark.py                                      # the full table (long on a CPU)
+  python scripts/benchmark.py --backbones resnet50 --batch_sizes 8 --repeats 3
+
+For each backbone (NAME or NAME@SIZE) and batch size, and for each mode:
+
+  inference   a jitted forward pass in inference mode (covid_jax's eval step, Keras predict_on_batch)
+  train       one full fine-tune step: forward + backward + Adam update, every layer trainable, BN on
+              batch statistics (covid_jax's train step, Keras train_on_batch)
+  head        one step of the study's first phase: backbone frozen (no gradients, BN in inference
+              mode), only the head trains (not in the default --modes)
+
+of the whole classifier (preprocessing, backbone, average pooling, the study's head), in
+
+  covid_jax             the training system's own compiled steps
+  keras_tensorflow      Keras 3, TensorFlow backend, jit_compile=False (TensorFlow's own oneDNN kernels)
+  keras_tensorflow_xla  Keras 3, TensorFlow backend, Keras's default jit_compile='auto' (XLA)
+  keras_jax             Keras 3, JAX backend (XLA)
+
+Each framework runs in its own process (scripts/benchmark_worker.py) on the same
+seeded backbone weights and inputs. After compilation and one warm-up step, the
+frameworks take turns, one timed step each per round, so machine noise hits all
+alike; a row reports the median over rounds and the spread (min-max). Also
+reported: the first call's time (compilation included), the process's peak
+resident memory during the cell, achieved GFLOP/s (XLA's FLOP count of
+covid_jax's step divided by each framework's time) next to the matmul and 3x3
+convolution GFLOP/s each framework reaches in the same run, and the input
+pipeline's images/s. Results go to a Markdown section of --markdown (replaced
+between markers, the rest of the file kept) and to --json.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import benchmark_worker
+
+_REPO = Path(__file__).resolve().parents[1]
+_WORKER = Path(__file__).resolve().parent / 'benchmark_worker.py'
+_PIPELINE = Path(__file__).resolve().parent / 'benchmark_input_pipeline.py'
+BEGIN, END = '<!-- benchmark.py: begin -->', '<!-- benchmark.py: end -->'
+DEFAULT_BACKBONES = 'vgg16,resnet50,nasnet_mobile,nasnet_large,nasnet_large@331'
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--backbones', default=DEFAULT_BACKBONES,
+                      help='comma-separated NAME or NAME@SIZE (default size 224)')
+  parser.add_argument('--batch_sizes', default='1,8,32', help='comma-separated global batch sizes')
+  parser.add_argument('--modes', default='inference,train', help='comma-separated inference, train, head')
+  parser.add_argument('--frameworks', default=','.join(benchmark_worker.FRAMEWORKS),
+                      help=f'comma-separated subset of {",".join(benchmark_worker.FRAMEWORKS)}')
+  parser.add_argument('--repeats', type=int, default=5, help='timed rounds per cell')
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
+  parser.add_argument('--pipeline_images', type=int, default=1000,
+                      help='synthetic images for the input-pipeline measurement (0 skips it)')
+  parser.add_argument('--markdown', default=str(_REPO / 'BENCHMARKS.md'), help='Markdown file to update')
+  parser.add_argument('--json', default=str(_REPO / 'benchmarks.json'), help='JSON results file')
+  args = parser.parse_args(argv)
+  args.backbones = [_backbone(b) for b in args.backbones.split(',')]
+  args.batch_sizes = [int(b) for b in args.batch_sizes.split(',')]
+  args.modes = args.modes.split(',')
+  args.frameworks = args.frameworks.split(',')
+  for name in args.frameworks:
+    if name not in benchmark_worker.FRAMEWORKS:
+      parser.error(f'--frameworks: unknown {name!r}; known: {benchmark_worker.FRAMEWORKS}')
+  for mode in args.modes:
+    if mode not in ('inference', 'train', 'head'):
+      parser.error(f'--modes: unknown {mode!r}; known: inference, train, head')
+  return args
+
+
+def _backbone(text: str) -> tuple[str, int]:
+  name, _, size = text.partition('@')
+  return name, int(size or 224)
+
+
+class Worker:
+  """One framework's process, spoken to one JSON line at a time."""
+
+  def __init__(self, framework: str, backbone: str, image_size: int, weights: str, dtype: str):
+    self.framework = framework
+    self.process = subprocess.Popen(
+        [sys.executable, str(_WORKER), '--framework', framework, '--backbone', backbone, '--image_size',
+         str(image_size), '--weights', weights, '--dtype', dtype],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_worker_env(framework), cwd=_REPO)
+    self._read()  # {"ready": true}
+
+  def ask(self, **command: Any) -> dict[str, Any]:
+    self.process.stdin.write(json.dumps(command) + '\n')
+    self.process.stdin.flush()
+    return self._read()
+
+  def _read(self) -> dict[str, Any]:
+    line = self.process.stdout.readline()
+    if not line:
+      raise RuntimeError(f'{self.framework} worker exited with status {self.process.wait()} (its log is above)')
+    answer = json.loads(line)
+    if 'error' in answer:
+      raise RuntimeError(f'{self.framework} worker: {answer["error"]}')
+    return answer
+
+  def close(self) -> None:
+    self.process.stdin.close()
+    self.process.wait()
+
+
+def _worker_env(framework: str) -> dict[str, str]:
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  env['KERAS_BACKEND'] = benchmark_worker.KERAS_BACKEND.get(framework, 'tensorflow')
+  env.pop('JAX_COMPILATION_CACHE_DIR', None)  # First-call times must include compilation.
+  if framework != 'covid_jax' and benchmark_worker.KERAS_BACKEND.get(framework) == 'tensorflow':
+    env.setdefault('JAX_PLATFORMS', 'cpu')  # JAX is imported by covid_jax's helpers only.
+  return env
+
+
+def export_weights(backbone: str, image_size: int, path: str) -> None:
+  subprocess.run([sys.executable, str(_WORKER), '--framework', 'keras_tensorflow', '--backbone', backbone,
+                  '--image_size', str(image_size), '--weights', path, '--export_weights'],
+                 check=True, env=_worker_env('keras_tensorflow'), cwd=_REPO)
+
+
+def measure_backbone(backbone: str, image_size: int, args: argparse.Namespace, weights: str,
+                     ceilings: dict[str, dict]) -> list[dict]:
+  """All cells of one backbone: every framework alive at once, taking turns within a cell.
+
+  Fills `ceilings` (framework -> GFLOP/s) when it is empty.
+  """
+  rows = []
+  workers = [Worker(f, backbone, image_size, weights, args.dtype) for f in args.frameworks]
+  try:
+    if not ceilings:
+      ceilings.update({w.framework: w.ask(op='ceilings') for w in workers})
+    for mode in args.modes:
+      for batch_size in args.batch_sizes:
+        flops = None
+        if 'covid_jax' in args.frameworks:
+          flops = workers[args.frameworks.index('covid_jax')].ask(op='flops', mode='inference',
+                                                                   batch_size=batch_size)['flops']
+          flops *= 3 if mode == 'train' else 1  # Backward ~ 2x forward: the usual estimate.
+        first = {w.framework: w.ask(op='setup', mode=mode, batch_size=batch_size)['first_call_s'] for w in workers}
+        times: dict[str, list[float]] = {w.framework: [] for w in workers}
+        for round_index in range(args.repeats):
+          for w in workers[round_index % len(workers):] + workers[:round_index % len(workers)]:
+            times[w.framework].append(w.ask(op='step')['seconds'])
+        for w in workers:
+          seconds = times[w.framework]
+          median = statistics.median(seconds)
+          rows.append({
+              'backbone': backbone, 'image_size': image_size, 'mode': mode, 'batch_size': batch_size,
+              'framework': w.framework, 'seconds': seconds, 'median_s': median,
+              'images_per_s': batch_size / median, 'images_per_s_range': [batch_size / max(seconds),
+                                                                          batch_size / min(seconds)],
+              'first_call_s': first[w.framework], 'peak_rss_bytes': w.ask(op='peak')['peak_rss_bytes'],
+              'gflops_per_s': flops / median / 1e9 if flops else None,
+          })
+          print(_progress_line(rows[-1]), flush=True)
+  finally:
+    for w in workers:
+      w.close()
+  return rows
+
+
+def _progress_line(row: dict) -> str:
+  return (f'{row["backbone"]}@{row["image_size"]} {row["mode"]} b{row["batch_size"]} {row["framework"]}: '
+          f'{row["images_per_s"]:.2f} img/s (first call {row["first_call_s"]:.1f} s)')
+
+
+def measure_pipeline(num_images: int, image_size: int, batch_sizes: list[int]) -> list[dict]:
+  """Cached-epoch images/s of the training input pipeline (scripts/benchmark_input_pipeline.py)."""
+  rows = []
+  with tempfile.TemporaryDirectory() as data_dir:
+    for batch_size in batch_sizes:
+      out = subprocess.run(
+          [sys.executable, str(_PIPELINE), '--data_dir', os.path.join(data_dir, 'built'), '--num_images',
+           str(num_images), '--image_size', str(image_size), '--batch_size', str(batch_size), '--json'],
+          check=True, capture_output=True, text=True, cwd=_REPO, env=_worker_env('covid_jax')).stdout
+      rows.append(json.loads(out.strip().splitlines()[-1]))
+  return rows
+
+
+def describe_machine() -> dict[str, Any]:
+  cpu = platform.processor()
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  gpus = []
+  try:
+    gpus = subprocess.run(['nvidia-smi', '--query-gpu=name', '--format=csv,noheader'], capture_output=True,
+                          text=True, check=True).stdout.split('\n')
+  except (OSError, subprocess.CalledProcessError):
+    pass
+  return {'cpu': cpu, 'cpu_cores': os.cpu_count(), 'gpus': [g for g in gpus if g.strip()],
+          'python': platform.python_version(), 'versions': _versions()}
+
+
+def _versions() -> dict[str, str]:
+  from importlib import metadata
+  return {p: metadata.version(p) for p in ('jax', 'jaxlib', 'flax', 'keras', 'tensorflow-cpu')
+          if _installed(metadata, p)}
+
+
+def _installed(metadata: Any, package: str) -> bool:
+  try:
+    metadata.version(package)
+    return True
+  except metadata.PackageNotFoundError:
+    return False
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+  m = results['machine']
+  lines = [
+      BEGIN,
+      '## Training and inference speed: covid_jax vs Keras 3',
+      '',
+      f'`{results["command"]}`, {results["date"]}, on {m["cpu"]} ({m["cpu_cores"]} cores)'
+      + (f', GPU: {", ".join(m["gpus"])}' if m['gpus'] else ', no GPU') + f', {results["dtype"]}. '
+      + ', '.join(f'{k} {v}' for k, v in m['versions'].items()) + '.',
+      '',
+      'Images/s: median over rounds (min-max in brackets); the frameworks take turns within each round. '
+      '"vs best Keras" is covid_jax\'s images/s over the fastest Keras variant\'s. "first" is the first call '
+      '(compilation included), "peak" the process\'s peak resident memory in that cell, GFLOP/s uses XLA\'s FLOP '
+      'count of covid_jax\'s forward pass (train: 3x).',
+      '',
+  ]
+  frameworks = results['frameworks']
+  header = ['backbone', 'mode', 'batch'] + frameworks + ['vs best Keras']
+  lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  cells: dict[tuple, dict[str, dict]] = {}
+  for row in results['rows']:
+    cells.setdefault((row['backbone'], row['image_size'], row['mode'], row['batch_size']), {})[row['framework']] = row
+  for (backbone, size, mode, batch), by_framework in cells.items():
+    entries = []
+    for f in frameworks:
+      r = by_framework.get(f)
+      entries.append('' if r is None else
+                     f'{r["images_per_s"]:.3g} ({r["images_per_s_range"][0]:.3g}-{r["images_per_s_range"][1]:.3g})')
+    keras_best = max((r['images_per_s'] for f, r in by_framework.items() if f != 'covid_jax'), default=None)
+    ours = by_framework.get('covid_jax')
+    ratio = f'{ours["images_per_s"] / keras_best:.2f}x' if ours and keras_best else ''
+    lines.append(f'| {backbone}@{size} | {mode} | {batch} | ' + ' | '.join(entries) + f' | {ratio} |')
+  lines += ['', 'First call (s), peak memory (GiB), achieved GFLOP/s:', '']
+  header = ['backbone', 'mode', 'batch'] + frameworks
+  lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  for (backbone, size, mode, batch), by_framework in cells.items():
+    entries = []
+    for f in frameworks:
+      r = by_framework.get(f)
+      gflops = f', {r["gflops_per_s"]:.0f} GFLOP/s' if r and r['gflops_per_s'] else ''
+      entries.append('' if r is None else
+                     f'{r["first_call_s"]:.1f} s, {r["peak_rss_bytes"] / 2**30:.1f} GiB{gflops}')
+    lines.append(f'| {backbone}@{size} | {mode} | {batch} | ' + ' | '.join(entries) + ' |')
+  if results['ceilings']:
+    n, shape = benchmark_worker.MATMUL_N, 'x'.join(map(str, benchmark_worker.CONV_SHAPE))
+    lines += ['', f'Ceilings measured in the same run (GFLOP/s, best of 10): {n}x{n} matmul, 3x3 convolution '
+              f'{shape} -> {benchmark_worker.CONV_FEATURES} channels:',
+              '', '| framework | matmul | conv 3x3 |', '|---|---|---|']
+    for f, c in results['ceilings'].items():
+      lines.append(f'| {f} | {c["matmul"]:.0f} | {c["conv"]:.0f} |')
+  if results['pipeline']:
+    lines += ['', 'Input pipeline (cached epochs, augmentation on), images/s:', '',
+              '| image size | batch | images/s |', '|---|---|---|']
+    for p in results['pipeline']:
+      lines.append(f'| {p["image_size"]} | {p["batch_size"]} | {p["cached_images_per_s"]:,.0f} |')
+  lines.append(END)
+  return '\n'.join(lines) + '\n'
+
+
+def update_markdown(path: str, section: str) -> None:
+  """Replaces the section between the markers (or appends it), keeping the rest of the file."""
+  text = Path(path).read_text() if os.path.exists(path) else '# Benchmarks\n'
+  if BEGIN in text and END in text:
+    text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END) + 1:]
+  else:
+    text = text.rstrip('\n') + '\n\n' + section
+  Path(path).write_text(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = parse_args(argv)
+  results: dict[str, Any] = {
+      'command': 'python scripts/benchmark.py ' + ' '.join(sys.argv[1:] if argv is None else argv),
+      'date': datetime.date.today().isoformat(), 'machine': describe_machine(), 'dtype': args.dtype,
+      'frameworks': args.frameworks, 'rows': [], 'ceilings': {}, 'pipeline': [],
+  }
+  with tempfile.TemporaryDirectory() as tmp:
+    for backbone, image_size in args.backbones:
+      weights = os.path.join(tmp, f'{backbone}_{image_size}.h5')
+      export_weights(backbone, image_size, weights)
+      results['rows'] += measure_backbone(backbone, image_size, args, weights, results['ceilings'])
+  if args.pipeline_images:
+    results['pipeline'] = measure_pipeline(args.pipeline_images, 224, args.batch_sizes)
+  Path(args.json).write_text(json.dumps(results, indent=1) + '\n')
+  update_markdown(args.markdown, to_markdown(results))
+  print(f'wrote {args.markdown} and {args.json}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,275 @@
+"""One framework's side of scripts/benchmark.py, in its own process.
+
+Keras fixes its backend at import, and a process's peak memory is only its
+own, so each framework runs here, driven by the benchmark over stdin/stdout:
+
+  KERAS_BACKEND=jax python scripts/benchmark_worker.py --framework keras_jax --backbone resnet50 \
+      --image_size 224 --weights W.h5
+
+Each stdin line is a JSON command; each answer is one JSON line on stdout
+(everything else the libraries print goes to stderr):
+
+  {"op": "setup", "mode": "inference"|"train"|"head", "batch_size": B}
+      builds the step; times its first call (compilation included) -> {"first_call_s"}
+  {"op": "step"}      one step, outputs ready before the clock stops -> {"seconds"}
+  {"op": "peak"}      peak resident memory since the last setup -> {"peak_rss_bytes"}
+  {"op": "ceilings"}  GFLOP/s of a large matmul and a 3x3 convolution -> {"matmul", "conv"}
+  {"op": "flops", "mode": "inference", "batch_size": B}  (covid_jax only) XLA's FLOP count of the step
+
+With --export_weights the process only writes seeded Keras backbone weights to
+--weights (legacy .h5, as keras.applications downloads) and exits: every
+framework then loads the same weights.
+"""
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+FRAMEWORKS = ('covid_jax', 'keras_tensorflow', 'keras_tensorflow_xla', 'keras_jax')
+KERAS_BACKEND = {'keras_tensorflow': 'tensorflow', 'keras_tensorflow_xla': 'tensorflow', 'keras_jax': 'jax'}
+# The study's head and optimiser, as configs/default.py has them.
+HEAD_DIMS, DROPOUT, L1, L2, LABEL_SMOOTHING, LEARNING_RATE = (512, 256), 0.2, 1e-5, 1e-4, 0.2, 1e-4
+# Ceiling probes: a square matmul and a ResNet-sized 3x3 convolution.
+MATMUL_N, CONV_SHAPE, CONV_FEATURES = 2048, (8, 56, 56, 256), 256
+SEED = 0
+
+
+def images_and_labels(batch_size: int, image_size: int):
+  """The same seeded RGB 0-255 batch and labels in every framework."""
+  import numpy as np
+  rng = np.random.default_rng(SEED)
+  images = rng.uniform(0, 255, (batch_size, image_size, image_size, 3)).astype(np.float32)
+  return images, rng.integers(0, 2, batch_size).astype(np.int32)
+
+
+def reset_peak_memory() -> None:
+  """Resets the kernel's peak-RSS counter of this process (Linux >= 4.0)."""
+  with open('/proc/self/clear_refs', 'w') as f:
+    f.write('5')
+
+
+def peak_memory() -> int:
+  with open('/proc/self/status') as f:
+    for line in f:
+      if line.startswith('VmHWM:'):
+        return int(line.split()[1]) * 1024
+  raise RuntimeError('no VmHWM in /proc/self/status')
+
+
+def timed(fn: Callable[[], Any]) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+class CovidJax:
+  """The training system's own steps (train.compile_steps): what a covid_jax run executes."""
+
+  def __init__(self, backbone: str, image_size: int, weights: str, dtype: str):
+    import jax
+    from configs import default
+    from covid_jax import input_pipeline, port, train
+    self.jax, self.train = jax, train
+    config = default.get_config()
+    config.model.name, config.model.image_size, config.dtype = backbone, image_size, dtype
+    config.learning_rate = LEARNING_RATE
+    self.config, self.mesh = config, input_pipeline.data_mesh()
+    self.model = train.create_model(config)
+    variables = train.initial_variables(self.model, config)
+    ported = port.from_h5(weights, backbone)
+    self.variables = {'params': {**variables['params'], 'backbone': ported['params']},
+                      'batch_stats': {**variables['batch_stats'], 'backbone': ported.get('batch_stats', {})}}
+    self.run: Callable[[], Any] | None = None
+
+  def _phase(self, mode: str):
+    """'head' is the study's first phase (backbone frozen, in inference mode); otherwise a full fine-tune."""
+    self.config.freeze_backbone = mode == 'head'
+    return self.train.make_phases(self.config)[0]
+
+  def _state(self, phase):
+    labels = self.train.param_labels(self.variables['params'], self.variables['batch_stats'], [], phase, -1)
+    tx = self.train.make_optimizer(self.config, self.train.make_schedule(phase, 1000), labels)
+    state = self.train.TrainState.create(apply_fn=self.model.apply, params=self.variables['params'], tx=tx,
+                                         batch_stats=self.variables['batch_stats'])
+    return self.jax.device_put(state, self.jax.sharding.NamedSharding(self.mesh, self.jax.sharding.PartitionSpec()))
+
+  def _batch(self, batch_size: int):
+    images, labels = images_and_labels(batch_size, self.config.model.image_size)
+    sharding = self.jax.sharding.NamedSharding(self.mesh, self.jax.sharding.PartitionSpec('data'))
+    return {'image': self.jax.device_put(images, sharding), 'label': self.jax.device_put(labels, sharding)}
+
+  def setup(self, mode: str, batch_size: int) -> None:
+    self.run = None
+    gc.collect()
+    phase = self._phase(mode)
+    train_fn, eval_fn = self.train.compile_steps(self.mesh, phase, self.config)
+    batch, state = self._batch(batch_size), self._state(phase)
+    if mode == 'inference':
+      self.run = lambda: eval_fn(state, batch).block_until_ready()
+      return
+    key = self.jax.random.key(SEED)
+    holder = {'state': state}
+
+    def step():
+      holder['state'], metrics = train_fn(holder['state'], batch, key)
+      self.jax.block_until_ready((holder['state'], metrics))
+    self.run = step
+
+  def flops(self, mode: str, batch_size: int) -> float:
+    phase = self._phase(mode)
+    train_fn, eval_fn = self.train.compile_steps(self.mesh, phase, self.config)
+    batch, state = self._batch(batch_size), self._state(phase)
+    if mode == 'inference':
+      compiled = eval_fn.lower(state, batch).compile()
+    else:
+      compiled = train_fn.lower(state, batch, self.jax.random.key(SEED)).compile()
+    return float(compiled.cost_analysis()['flops'])
+
+  def ceilings(self) -> dict[str, float]:
+    return _jax_ceilings()
+
+
+def _jax_ceilings() -> dict[str, float]:
+  """XLA's GFLOP/s on a large matmul and a 3x3 convolution: what covid_jax and Keras-JAX can reach."""
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+  a = jnp.ones((MATMUL_N, MATMUL_N), jnp.float32)
+  x = jnp.ones(CONV_SHAPE, jnp.float32)
+  k = jnp.ones((3, 3, CONV_SHAPE[-1], CONV_FEATURES), jnp.float32)
+  matmul = jax.jit(lambda a: a @ a)
+  conv = jax.jit(lambda x, k: lax.conv_general_dilated(x, k, (1, 1), 'SAME',
+                                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+  return {'matmul': _best_gflops(lambda: matmul(a).block_until_ready(), 2 * MATMUL_N**3),
+          'conv': _best_gflops(lambda: conv(x, k).block_until_ready(), _conv_flops())}
+
+
+def _conv_flops() -> float:
+  n, h, w, c = CONV_SHAPE
+  return 2.0 * n * h * w * c * CONV_FEATURES * 9
+
+
+def _best_gflops(fn: Callable[[], Any], flops: float, repeats: int = 10) -> float:
+  fn()  # Compile / warm up.
+  return flops / min(timed(fn) for _ in range(repeats)) / 1e9
+
+
+class KerasModel:
+  """keras.applications backbone + the study's head, compiled the way a Keras user would (model.compile)."""
+
+  def __init__(self, framework: str, backbone: str, image_size: int, weights: str, dtype: str):
+    import keras
+    from covid_jax import models
+    from covid_jax.port.keras_models import keras_backbone
+    self.keras, self.framework, self.image_size = keras, framework, image_size
+    if dtype == 'bfloat16':
+      keras.mixed_precision.set_dtype_policy('mixed_bfloat16')
+    self.base = base = keras_backbone(backbone, (image_size, image_size, 3))
+    base.load_weights(weights)
+    mode = models.get_spec(backbone).preprocessing
+    inputs = keras.Input((image_size, image_size, 3))
+    x = keras.layers.Lambda(lambda t: keras.applications.imagenet_utils.preprocess_input(t, mode=mode))(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(base(x))
+    x = keras.layers.BatchNormalization()(x)
+    for i, width in enumerate(HEAD_DIMS):
+      regularizer = keras.regularizers.L1L2(L1, L2) if i == 0 else None
+      x = keras.layers.Dense(width, activation='relu', kernel_regularizer=regularizer)(x)
+      x = keras.layers.BatchNormalization()(x)
+      if i < len(HEAD_DIMS) - 1:
+        x = keras.layers.Dropout(DROPOUT)(x)
+    outputs = keras.layers.Dense(2, dtype='float32')(x)
+    self.model = keras.Model(inputs, outputs)
+    self.run: Callable[[], Any] | None = None
+
+  def setup(self, mode: str, batch_size: int) -> None:
+    self.run = None
+    gc.collect()
+    keras = self.keras
+    self.base.trainable = mode != 'head'  # Frozen: no gradients, and BN in inference mode.
+    # Keras's default jit_compile='auto' means XLA on both backends; keras_tensorflow asks for TF's own kernels.
+    self.model.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE),
+                       loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=LABEL_SMOOTHING),
+                       jit_compile=self.framework != 'keras_tensorflow')
+    images, labels = images_and_labels(batch_size, self.image_size)
+    if mode == 'inference':
+      self.run = lambda: self.model.predict_on_batch(images)
+    else:
+      one_hot = keras.utils.to_categorical(labels, 2)
+      self.run = lambda: self.model.train_on_batch(images, one_hot)
+
+  def ceilings(self) -> dict[str, float]:
+    if self.framework == 'keras_jax':  # The same XLA as covid_jax.
+      return _jax_ceilings()
+    import tensorflow as tf
+    jit = self.framework == 'keras_tensorflow_xla'
+    a = tf.ones((MATMUL_N, MATMUL_N))
+    x, k = tf.ones(CONV_SHAPE), tf.ones((3, 3, CONV_SHAPE[-1], CONV_FEATURES))
+    matmul = tf.function(lambda a: tf.linalg.matmul(a, a), jit_compile=jit)
+    conv = tf.function(lambda x, k: tf.nn.conv2d(x, k, 1, 'SAME'), jit_compile=jit)
+    return {'matmul': _best_gflops(lambda: matmul(a).numpy(), 2 * MATMUL_N**3),
+            'conv': _best_gflops(lambda: conv(x, k).numpy(), _conv_flops())}
+
+
+def export_weights(backbone: str, image_size: int, path: str) -> None:
+  """Seeded random Keras backbone weights (ImageNet weights are not needed to time a step)."""
+  from covid_jax.port.keras_models import keras_backbone, save_legacy_h5
+  save_legacy_h5(keras_backbone(backbone, (image_size, image_size, 3), seed=SEED), path)
+
+
+def serve(runner: Any, reply: Any) -> None:
+  """Answers commands from stdin until it closes."""
+  for line in sys.stdin:
+    command = json.loads(line)
+    op = command['op']
+    if op == 'setup':
+      reset_peak_memory()
+      runner.setup(command['mode'], command['batch_size'])
+      answer = {'first_call_s': timed(runner.run)}
+      runner.run()  # One warm-up step after compilation.
+    elif op == 'step':
+      answer = {'seconds': timed(runner.run)}
+    elif op == 'peak':
+      answer = {'peak_rss_bytes': peak_memory()}
+    elif op == 'ceilings':
+      answer = runner.ceilings()
+    elif op == 'flops':
+      answer = {'flops': runner.flops(command['mode'], command['batch_size'])}
+    else:
+      answer = {'error': f'unknown op {op!r}'}
+    reply.write(json.dumps(answer) + '\n')
+    reply.flush()
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--framework', choices=FRAMEWORKS, required=True)
+  parser.add_argument('--backbone', required=True)
+  parser.add_argument('--image_size', type=int, required=True)
+  parser.add_argument('--weights', required=True, help='legacy Keras .h5 backbone weights')
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
+  parser.add_argument('--export_weights', action='store_true', help='write seeded weights to --weights and exit')
+  args = parser.parse_args()
+  # Answers go to the real stdout; anything the libraries print goes to stderr.
+  reply = os.fdopen(os.dup(1), 'w')
+  os.dup2(2, 1)
+  if args.export_weights:
+    export_weights(args.backbone, args.image_size, args.weights)
+    return
+  if args.framework == 'covid_jax':
+    runner = CovidJax(args.backbone, args.image_size, args.weights, args.dtype)
+  else:
+    runner = KerasModel(args.framework, args.backbone, args.image_size, args.weights, args.dtype)
+  reply.write(json.dumps({'ready': True}) + '\n')
+  reply.flush()
+  serve(runner, reply)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,53 @@
+"""scripts/benchmark.py: a tiny end-to-end run, and the Markdown section it owns."""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+_SCRIPTS = Path(__file__).resolve().parents[1] / 'scripts'
+sys.path.insert(0, str(_SCRIPTS))
+import benchmark  # noqa: E402
+
+
+@pytest.mark.slow
+def test_end_to_end_tiny(tmp_path):
+  markdown, results = tmp_path / 'BENCHMARKS.md', tmp_path / 'out.json'
+  markdown.write_text('# Benchmarks\n\nHand-written notes stay.\n')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  subprocess.run([sys.executable, str(_SCRIPTS / 'benchmark.py'), '--backbones', 'resnet50@32', '--batch_sizes', '2',
+                  '--frameworks', 'covid_jax,keras_jax', '--repeats', '2', '--pipeline_images', '0',
+                  '--markdown', str(markdown), '--json', str(results)], check=True, env=env)
+  data = json.loads(results.read_text())
+  cells = {(r['mode'], r['framework']): r for r in data['rows']}
+  assert set(cells) == {(m, f) for m in ('inference', 'train') for f in ('covid_jax', 'keras_jax')}
+  for row in cells.values():
+    assert len(row['seconds']) == 2
+    assert row['images_per_s'] == pytest.approx(2 / statistics.median(row['seconds']))
+    low, high = row['images_per_s_range']
+    assert low <= row['images_per_s'] <= high
+    assert row['first_call_s'] > 0 and row['peak_rss_bytes'] > 2**20
+  # One FLOP count for both frameworks: their GFLOP/s differ exactly as their times do.
+  ours, theirs = cells['train', 'covid_jax'], cells['train', 'keras_jax']
+  assert ours['gflops_per_s'] * ours['median_s'] == pytest.approx(theirs['gflops_per_s'] * theirs['median_s'])
+  assert set(data['ceilings']) == {'covid_jax', 'keras_jax'}
+  text = markdown.read_text()
+  assert 'Hand-written notes stay.' in text
+  assert '| resnet50@32 | train | 2 |' in text
+
+
+def test_update_markdown_replaces_only_its_section(tmp_path):
+  path = tmp_path / 'B.md'
+  path.write_text(f'# B\n\nbefore\n\n{benchmark.BEGIN}\nold table\n{benchmark.END}\n\nafter\n')
+  benchmark.update_markdown(str(path), f'{benchmark.BEGIN}\nnew table\n{benchmark.END}\n')
+  assert path.read_text() == f'# B\n\nbefore\n\n{benchmark.BEGIN}\nnew table\n{benchmark.END}\n\nafter\n'
+
+
+def test_rejects_unknown_framework(capsys):
+  with pytest.raises(SystemExit):
+    benchmark.parse_args(['--frameworks', 'covid_jax,pytorch'])
+  assert "unknown 'pytorch'" in capsys.readouterr().err
