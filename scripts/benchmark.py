@@ -27,7 +27,9 @@ resident memory during the cell, achieved GFLOP/s (XLA's FLOP count of
 covid_jax's step divided by each framework's time) next to the matmul and 3x3
 convolution GFLOP/s each framework reaches in the same run, and the input
 pipeline's images/s. Results go to a Markdown section of --markdown (replaced
-between markers, the rest of the file kept) and to --json.
+between markers, the rest of the file kept) and to --json. With --merge, the
+rows of an earlier --json are kept unless this run measures them again, so slow
+backbones can run with fewer frameworks in a separate invocation.
 """
 
 import argparse
@@ -65,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help='synthetic images for the input-pipeline measurement (0 skips it)')
   parser.add_argument('--markdown', default=str(_REPO / 'BENCHMARKS.md'), help='Markdown file to update')
   parser.add_argument('--json', default=str(_REPO / 'benchmarks.json'), help='JSON results file')
+  parser.add_argument('--merge', action='store_true', help='keep the rows of --json that this run does not redo')
   args = parser.parse_args(argv)
   args.backbones = [_backbone(b) for b in args.backbones.split(',')]
   args.batch_sizes = [int(b) for b in args.batch_sizes.split(',')]
@@ -225,7 +228,8 @@ def to_markdown(results: dict[str, Any]) -> str:
       BEGIN,
       '## Training and inference speed: covid_jax vs Keras 3',
       '',
-      f'`{results["command"]}`, {results["date"]}, on {m["cpu"]} ({m["cpu_cores"]} cores)'
+      ', '.join(f'`{c}`' for c in results['commands'])
+      + f'; {results["date"]}, on {m["cpu"]} ({m["cpu_cores"]} cores)'
       + (f', GPU: {", ".join(m["gpus"])}' if m['gpus'] else ', no GPU') + f', {results["dtype"]}. '
       + ', '.join(f'{k} {v}' for k, v in m['versions'].items()) + '.',
       '',
@@ -278,6 +282,22 @@ def to_markdown(results: dict[str, Any]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def _cell_key(row: dict) -> tuple:
+  return row['backbone'], row['image_size'], row['mode'], row['batch_size'], row['framework']
+
+
+def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+  """`new` plus the rows, ceilings and pipeline figures of `old` that `new` did not measure."""
+  redone = {_cell_key(r) for r in new['rows']}
+  merged = dict(new)
+  merged['commands'] = old['commands'] + new['commands']
+  merged['rows'] = [r for r in old['rows'] if _cell_key(r) not in redone] + new['rows']
+  merged['frameworks'] = list(dict.fromkeys(old['frameworks'] + new['frameworks']))
+  merged['ceilings'] = {**old['ceilings'], **new['ceilings']}
+  merged['pipeline'] = new['pipeline'] or old['pipeline']
+  return merged
+
+
 def update_markdown(path: str, section: str) -> None:
   """Replaces the section between the markers (or appends it), keeping the rest of the file."""
   text = Path(path).read_text() if os.path.exists(path) else '# Benchmarks\n'
@@ -291,7 +311,7 @@ def update_markdown(path: str, section: str) -> None:
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   results: dict[str, Any] = {
-      'command': 'python scripts/benchmark.py ' + ' '.join(sys.argv[1:] if argv is None else argv),
+      'commands': ['python scripts/benchmark.py ' + ' '.join(sys.argv[1:] if argv is None else argv)],
       'date': datetime.date.today().isoformat(), 'machine': describe_machine(), 'dtype': args.dtype,
       'frameworks': args.frameworks, 'rows': [], 'ceilings': {}, 'pipeline': [],
   }
@@ -302,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
       results['rows'] += measure_backbone(backbone, image_size, args, weights, results['ceilings'])
   if args.pipeline_images:
     results['pipeline'] = measure_pipeline(args.pipeline_images, 224, args.batch_sizes)
+  if args.merge and os.path.exists(args.json):
+    results = merge(json.loads(Path(args.json).read_text()), results)
   Path(args.json).write_text(json.dumps(results, indent=1) + '\n')
   update_markdown(args.markdown, to_markdown(results))
   print(f'wrote {args.markdown} and {args.json}')

@@ -47,6 +47,21 @@ def test_update_markdown_replaces_only_its_section(tmp_path):
   assert path.read_text() == f'# B\n\nbefore\n\n{benchmark.BEGIN}\nnew table\n{benchmark.END}\n\nafter\n'
 
 
+def test_merge_keeps_rows_not_measured_again():
+  def row(backbone, framework, images_per_s):
+    return {'backbone': backbone, 'image_size': 224, 'mode': 'train', 'batch_size': 8, 'framework': framework,
+            'images_per_s': images_per_s}
+  old = {'commands': ['a'], 'frameworks': ['covid_jax', 'keras_jax'], 'ceilings': {'keras_jax': {}},
+         'pipeline': [{'batch_size': 8}], 'rows': [row('vgg16', 'covid_jax', 1.0), row('vgg16', 'keras_jax', 2.0)]}
+  new = {'commands': ['b'], 'frameworks': ['covid_jax'], 'ceilings': {'covid_jax': {}}, 'pipeline': [],
+         'rows': [row('vgg16', 'covid_jax', 3.0)]}
+  merged = benchmark.merge(old, new)
+  assert merged['commands'] == ['a', 'b']
+  assert sorted((r['framework'], r['images_per_s']) for r in merged['rows']) == [('covid_jax', 3.0), ('keras_jax', 2.0)]
+  assert merged['frameworks'] == ['covid_jax', 'keras_jax']
+  assert set(merged['ceilings']) == {'covid_jax', 'keras_jax'} and merged['pipeline'] == [{'batch_size': 8}]
+
+
 def test_rejects_unknown_framework(capsys):
   with pytest.raises(SystemExit):
     benchmark.parse_args(['--frameworks', 'covid_jax,pytorch'])

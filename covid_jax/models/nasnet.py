@@ -22,6 +22,7 @@ MOBILE = dict(penultimate_filters=1056, num_blocks=4, stem_block_filters=32, ski
 _BN_MOMENTUM = 0.9997
 _BN_EPSILON = 1e-3
 _HE_NORMAL = nn.initializers.he_normal()  # Keras's initializer for NASNet's plain convolutions.
+_SCAN_ID = 'scan'  # Block id of the template cell's layers: every Keras cell layer name ends in its cell's id.
 
 
 def correct_pad(shape: Sequence[int], kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -98,47 +99,16 @@ _REDUCTION_CELL = _Cell(
 )
 
 
-class NASNet(nn.Module):
-  """keras.applications.nasnet.NASNet(include_top=False) with the same arguments, layer names and numbers.
+class _Layers(nn.Module):
+  """The layer builders of NASNet's cells, shared by the whole model and by one scanned cell.
 
-  `depthwise_impl` chooses the depthwise-convolution formulation (see
-  `depthwise.py`); 'auto' picks the fast one for the backend.
+  Every layer is created directly under the module, named exactly as its Keras layer.
   """
 
-  penultimate_filters: int = 4032
-  num_blocks: int = 6
-  stem_block_filters: int = 96
-  skip_reduction: bool = True
-  filter_multiplier: int = 2
   depthwise_impl: str = 'auto'
   dtype: Any = jnp.float32
   axis_name: str | None = None  # Device axis over which training-mode BN statistics are averaged.
   bn_momentum: float = _BN_MOMENTUM  # Keras's; lower it to train from scratch in few steps.
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    fm, n = self.filter_multiplier, self.num_blocks
-    if self.penultimate_filters % (24 * fm**2):
-      raise ValueError(f'penultimate_filters must be a multiple of 24 * filter_multiplier**2 = {24 * fm**2}, '
-                       f'got {self.penultimate_filters}')
-    filters = self.penultimate_filters // 24
-    cell = functools.partial(self._cell, train=train)
-
-    x = nn.Conv(self.stem_block_filters, (3, 3), (2, 2), padding='VALID', use_bias=False, dtype=self.dtype,
-                kernel_init=_HE_NORMAL, name='stem_conv1')(x)
-    x = self._bn(x, 'stem_bn1', train)
-    x, p = cell(_REDUCTION_CELL, x, None, filters // fm**2, 'stem_1')
-    x, p = cell(_REDUCTION_CELL, x, p, filters // fm, 'stem_2')
-    for stage in range(3):
-      stage_filters = filters * fm**stage
-      if stage:
-        x, p_reduced = cell(_REDUCTION_CELL, x, p, stage_filters, f'reduce_{stage * n}')
-        p = p if self.skip_reduction else p_reduced
-      # Keras numbers normal cells 0..n-1, then n+1..2n after reduce_n, then 2n+1..3n.
-      first_id = stage * n + (1 if stage else 0)
-      for i in range(first_id, first_id + n):
-        x, p = cell(_NORMAL_CELL, x, p, stage_filters, str(i))
-    return nn.relu(x)
 
   def _conv(self, x: jax.Array, filters: int, name: str) -> jax.Array:
     return PointwiseConv(filters, dtype=self.dtype, kernel_init=_HE_NORMAL, name=name)(x)
@@ -192,3 +162,96 @@ class NASNet(nn.Module):
           outputs.append(op(tensors[source]))
       tensors[k] = outputs[0] + outputs[1]
     return jnp.concatenate([tensors[k] for k in cell.outputs], axis=-1), ip
+
+
+class _TemplateNormalCell(_Layers):
+  """One normal cell whose layer names end in `_SCAN_ID` instead of a cell number."""
+
+  filters: int = 0
+
+  @nn.compact
+  def __call__(self, ip: jax.Array, p: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    return self._cell(_NORMAL_CELL, ip, p, self.filters, _SCAN_ID, train)
+
+
+class NASNet(_Layers):
+  """keras.applications.nasnet.NASNet(include_top=False) with the same arguments, layer names and numbers.
+
+  `depthwise_impl` chooses the depthwise-convolution formulation (see
+  `depthwise.py`); 'auto' picks the fast one for the backend. With
+  `scan_cells`, the normal cells of a block from the third on (identical in
+  every shape) run as one `lax.scan` over their stacked variables, so XLA
+  compiles that cell once per block instead of once per cell; the variables
+  keep their Keras names and values either way.
+  """
+
+  penultimate_filters: int = 4032
+  num_blocks: int = 6
+  stem_block_filters: int = 96
+  skip_reduction: bool = True
+  filter_multiplier: int = 2
+  scan_cells: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    fm, n = self.filter_multiplier, self.num_blocks
+    if self.penultimate_filters % (24 * fm**2):
+      raise ValueError(f'penultimate_filters must be a multiple of 24 * filter_multiplier**2 = {24 * fm**2}, '
+                       f'got {self.penultimate_filters}')
+    filters = self.penultimate_filters // 24
+    cell = functools.partial(self._cell, train=train)
+
+    x = nn.Conv(self.stem_block_filters, (3, 3), (2, 2), padding='VALID', use_bias=False, dtype=self.dtype,
+                kernel_init=_HE_NORMAL, name='stem_conv1')(x)
+    x = self._bn(x, 'stem_bn1', train)
+    x, p = cell(_REDUCTION_CELL, x, None, filters // fm**2, 'stem_1')
+    x, p = cell(_REDUCTION_CELL, x, p, filters // fm, 'stem_2')
+    for stage in range(3):
+      stage_filters = filters * fm**stage
+      if stage:
+        x, p_reduced = cell(_REDUCTION_CELL, x, p, stage_filters, f'reduce_{stage * n}')
+        p = p if self.skip_reduction else p_reduced
+      # Keras numbers normal cells 0..n-1, then n+1..2n after reduce_n, then 2n+1..3n.
+      first_id = stage * n + (1 if stage else 0)
+      ids = [str(i) for i in range(first_id, first_id + n)]
+      # The first two cells of a block adjust inputs of other shapes; from the third on, all match.
+      scanned = ids[2:] if self.scan_cells and len(ids) > 3 and not self.is_initializing() else []
+      for i in ids[:len(ids) - len(scanned)]:
+        x, p = cell(_NORMAL_CELL, x, p, stage_filters, i)
+      if scanned:
+        x, p = self._scanned_normal_cells(x, p, stage_filters, scanned, train)
+    return nn.relu(x)
+
+  def _scanned_normal_cells(self, ip: jax.Array, p: jax.Array, filters: int, ids: list[str],
+                            train: bool) -> tuple[jax.Array, jax.Array]:
+    """Normal cells `ids` in turn, as one lax.scan of a template cell over their stacked variables."""
+    template = _TemplateNormalCell(depthwise_impl=self.depthwise_impl, dtype=self.dtype, axis_name=self.axis_name,
+                                   bn_momentum=self.bn_momentum, filters=filters)
+    shapes = jax.eval_shape(functools.partial(template.init, train=False), jax.random.key(0),
+                            jax.ShapeDtypeStruct(ip.shape, ip.dtype), jax.ShapeDtypeStruct(p.shape, p.dtype))
+    collections = ('params', 'batch_stats')
+
+    def cell_variables(cell_id: str) -> dict[str, Any]:
+      return {col: {name: self.variables[col][_cell_layer(name, cell_id)] for name in shapes[col]}
+              for col in collections}
+
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[cell_variables(i) for i in ids])
+
+    def step(carry, variables):
+      if not train:
+        return template.apply(variables, *carry, train=False), None
+      carry, updates = template.apply(variables, *carry, train=True, mutable=['batch_stats'])
+      return carry, updates['batch_stats']
+
+    (x, p), stats = jax.lax.scan(step, (ip, p), stacked)
+    if train:
+      for k, cell_id in enumerate(ids):
+        for name, value in stats.items():
+          self.put_variable('batch_stats', _cell_layer(name, cell_id), jax.tree.map(lambda v, k=k: v[k], value))
+    return x, p
+
+
+
+def _cell_layer(template_name: str, cell_id: str) -> str:
+  """The Keras name of a template-cell layer in cell `cell_id` (Keras names end in the cell's id)."""
+  return template_name[:-len(_SCAN_ID)] + cell_id
