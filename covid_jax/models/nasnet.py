@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from covid_jax.models.depthwise import PointwiseConv, SeparableConv
+from covid_jax.models.pooling import max_pool
 
 LARGE = dict(penultimate_filters=4032, num_blocks=6, stem_block_filters=96, skip_reduction=True, filter_multiplier=2)
 MOBILE = dict(penultimate_filters=1056, num_blocks=4, stem_block_filters=32, skip_reduction=False, filter_multiplier=2)
@@ -46,7 +47,7 @@ def _avg_pool_reduce(x: jax.Array) -> jax.Array:
 
 def _max_pool_reduce(x: jax.Array) -> jax.Array:
   """3x3 stride-2 max over explicit zero padding: zeros can win, unlike Flax's -inf padding."""
-  return nn.max_pool(_zero_pad(x, 3), (3, 3), (2, 2))
+  return max_pool(_zero_pad(x, 3), 3, 2)
 
 
 def _identity(x: jax.Array) -> jax.Array:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from covid_jax.models.depthwise import PointwiseConv
+from covid_jax.models.pooling import max_pool
 
 # (bottleneck filters, blocks, stride of the first block) of stages conv2 .. conv5.
 STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
@@ -67,7 +68,7 @@ class ResNet50(nn.Module):
     x = conv(64, (7, 7), strides=2, padding='VALID', name='conv1_conv')(x)
     x = nn.relu(norm(name='conv1_bn')(x))
     # pool1_pad pads with zeros; after the ReLU that equals padding with -inf.
-    x = nn.max_pool(_pad(x, 1), (3, 3), strides=(2, 2), padding='VALID')
+    x = max_pool(_pad(x, 1), 3, 2)
     for stage, (filters, blocks, stride) in enumerate(STAGES, start=2):
       for n in range(1, blocks + 1):
         first = n == 1

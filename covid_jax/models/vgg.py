@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from covid_jax.models.pooling import max_pool
+
 # (filters, convolutions) of each block; every block ends in a 2x2 max pool.
 BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 
@@ -28,5 +30,5 @@ class VGG16(nn.Module):
         x = nn.Conv(filters, (3, 3), padding='SAME', dtype=self.dtype, param_dtype=jnp.float32,
                     name=f'block{b}_conv{i}')(x)
         x = nn.relu(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
+      x = max_pool(x, 2, 2)
     return x
