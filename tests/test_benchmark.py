@@ -20,11 +20,11 @@ def test_end_to_end_tiny(tmp_path):
   markdown.write_text('# Benchmarks\n\nHand-written notes stay.\n')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   subprocess.run([sys.executable, str(_SCRIPTS / 'benchmark.py'), '--backbones', 'resnet50@32', '--batch_sizes', '2',
-                  '--frameworks', 'covid_jax,keras_jax', '--repeats', '2', '--pipeline_images', '0',
+                  '--frameworks', 'covid_jax,keras_tensorflow', '--repeats', '2', '--pipeline_images', '0',
                   '--markdown', str(markdown), '--json', str(results)], check=True, env=env)
   data = json.loads(results.read_text())
   cells = {(r['mode'], r['framework']): r for r in data['rows']}
-  assert set(cells) == {(m, f) for m in ('inference', 'train') for f in ('covid_jax', 'keras_jax')}
+  assert set(cells) == {(m, f) for m in ('inference', 'train') for f in ('covid_jax', 'keras_tensorflow')}
   for row in cells.values():
     assert len(row['seconds']) == 2
     assert row['images_per_s'] == pytest.approx(2 / statistics.median(row['seconds']))
@@ -32,9 +32,9 @@ def test_end_to_end_tiny(tmp_path):
     assert low <= row['images_per_s'] <= high
     assert row['first_call_s'] > 0 and row['peak_rss_bytes'] > 2**20
   # One FLOP count for both frameworks: their GFLOP/s differ exactly as their times do.
-  ours, theirs = cells['train', 'covid_jax'], cells['train', 'keras_jax']
+  ours, theirs = cells['train', 'covid_jax'], cells['train', 'keras_tensorflow']
   assert ours['gflops_per_s'] * ours['median_s'] == pytest.approx(theirs['gflops_per_s'] * theirs['median_s'])
-  assert set(data['ceilings']) == {'covid_jax', 'keras_jax'}
+  assert set(data['ceilings']) == {'covid_jax', 'keras_tensorflow'}
   text = markdown.read_text()
   assert 'Hand-written notes stay.' in text
   assert '| resnet50@32 | train | 2 |' in text
