@@ -143,13 +143,15 @@ def measure_backbone(backbone: str, image_size: int, args: argparse.Namespace, w
   try:
     if not ceilings:
       ceilings.update({w.framework: w.ask(op='ceilings') for w in workers})
+    forward_flops = {}
+    if 'covid_jax' in args.frameworks:
+      ours = workers[args.frameworks.index('covid_jax')]
+      forward_flops = {b: ours.ask(op='flops', batch_size=b)['flops'] for b in args.batch_sizes}
     for mode in args.modes:
       for batch_size in args.batch_sizes:
-        flops = None
-        if 'covid_jax' in args.frameworks:
-          flops = workers[args.frameworks.index('covid_jax')].ask(op='flops', mode='inference',
-                                                                   batch_size=batch_size)['flops']
-          flops *= 3 if mode == 'train' else 1  # Backward ~ 2x forward: the usual estimate.
+        flops = forward_flops.get(batch_size)
+        if flops and mode == 'train':
+          flops *= 3  # Backward ~ 2x forward: the usual estimate.
         first = {w.framework: w.ask(op='setup', mode=mode, batch_size=batch_size)['first_call_s'] for w in workers}
         times: dict[str, list[float]] = {w.framework: [] for w in workers}
         for round_index in range(args.repeats):

@@ -14,7 +14,7 @@ Each stdin line is a JSON command; each answer is one JSON line on stdout
   {"op": "step"}      one step, outputs ready before the clock stops -> {"seconds"}
   {"op": "peak"}      peak resident memory since the last setup -> {"peak_rss_bytes"}
   {"op": "ceilings"}  GFLOP/s of a large matmul and a 3x3 convolution -> {"matmul", "conv"}
-  {"op": "flops", "mode": "inference", "batch_size": B}  (covid_jax only) XLA's FLOP count of the step
+  {"op": "flops", "batch_size": B}  (covid_jax only) XLA's FLOP count of the forward pass
 
 With --export_weights the process only writes seeded Keras backbone weights to
 --weights (legacy .h5, as keras.applications downloads) and exits: every
@@ -122,14 +122,11 @@ class CovidJax:
       self.jax.block_until_ready((holder['state'], metrics))
     self.run = step
 
-  def flops(self, mode: str, batch_size: int) -> float:
-    phase = self._phase(mode)
-    train_fn, eval_fn = self.train.compile_steps(self.mesh, phase, self.config)
-    batch, state = self._batch(batch_size), self._state(phase)
-    if mode == 'inference':
-      compiled = eval_fn.lower(state, batch).compile()
-    else:
-      compiled = train_fn.lower(state, batch, self.jax.random.key(SEED)).compile()
+  def flops(self, batch_size: int) -> float:
+    """XLA's FLOP count of the compiled forward pass (the eval step) on one batch."""
+    phase = self._phase('inference')
+    _, eval_fn = self.train.compile_steps(self.mesh, phase, self.config)
+    compiled = eval_fn.lower(self._state(phase), self._batch(batch_size)).compile()
     return float(compiled.cost_analysis()['flops'])
 
   def ceilings(self) -> dict[str, float]:
@@ -240,7 +237,7 @@ def serve(runner: Any, reply: Any) -> None:
     elif op == 'ceilings':
       answer = runner.ceilings()
     elif op == 'flops':
-      answer = {'flops': runner.flops(command['mode'], command['batch_size'])}
+      answer = {'flops': runner.flops(command['batch_size'])}
     else:
       answer = {'error': f'unknown op {op!r}'}
     reply.write(json.dumps(answer) + '\n')
