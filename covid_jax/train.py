@@ -128,12 +128,15 @@ def initial_variables(model: Classifier, config: ml_collections.ConfigDict) -> d
   """Random init, with the backbone replaced by ported Keras weights when `init_from` is set."""
   variables = jax.jit(lambda: _init(model, config))()
   if config.init_from:
-    ported = store.load_ported(config.init_from, config.model.name, **backbone_args(config))
-    variables = {
-        'params': {**variables['params'], 'backbone': ported['params']},
-        'batch_stats': {**variables['batch_stats'], 'backbone': ported.get('batch_stats', {})},
-    }
+    variables = with_backbone(variables, store.load_ported(config.init_from, config.model.name,
+                                                           **backbone_args(config)))
   return variables
+
+
+def with_backbone(variables: dict[str, Any], backbone: dict[str, Any]) -> dict[str, Any]:
+  """The classifier's `variables` with the backbone's replaced by `backbone` (e.g. ported Keras weights)."""
+  return {'params': {**variables['params'], 'backbone': backbone['params']},
+          'batch_stats': {**variables['batch_stats'], 'backbone': backbone.get('batch_stats', {})}}
 
 
 def backbone_layer_order(model: Classifier, config: ml_collections.ConfigDict) -> list[str]:
@@ -291,7 +294,8 @@ def evaluate(eval_fn: Callable, state: TrainState, reader: input_pipeline.SplitR
     if keep_images:
       local['image'].append(_host_local(batch['image']).astype(np.uint8))
   local_real = np.concatenate(local['mask']).astype(bool)
-  result = {k: multihost_utils.process_allgather(np.concatenate(local[k]), tiled=True) for k in ('logits', 'label', 'mask')}
+  result = {k: multihost_utils.process_allgather(np.concatenate(local[k]), tiled=True)
+            for k in ('logits', 'label', 'mask')}
   real = result.pop('mask').astype(bool)
   result = {k: v[real] for k, v in result.items()}
   if keep_images:

@@ -82,10 +82,7 @@ class CovidJax:
     config.learning_rate = LEARNING_RATE
     self.config, self.mesh = config, input_pipeline.data_mesh()
     self.model = train.create_model(config)
-    variables = train.initial_variables(self.model, config)
-    ported = port.from_h5(weights, backbone)
-    self.variables = {'params': {**variables['params'], 'backbone': ported['params']},
-                      'batch_stats': {**variables['batch_stats'], 'backbone': ported.get('batch_stats', {})}}
+    self.variables = train.with_backbone(train.initial_variables(self.model, config), port.from_h5(weights, backbone))
     self.run: Callable[[], Any] | None = None
 
   def _phase(self, mode: str):

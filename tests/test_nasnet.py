@@ -204,7 +204,7 @@ def test_scanned_cells_equal_unrolled_cells():
       return jax.grad(loss, has_aux=True)(variables['params'])  # Eager: compiling two float64 models is slower.
 
     jaxpr = jax.make_jaxpr(lambda v: scanned.apply(v, x))(variables)
-    assert 'scan' in str(jaxpr)  # Blocks of 4 cells scan their last 2.
+    assert 'scan' in str(jaxpr)  # Blocks of 4 cells scan their last 3.
     (grads, (y, stats)), (want_grads, (want_y, want_stats)) = run(scanned), run(unrolled)
   assert relative_error(y, want_y) <= 1e-12
   stat_errors = jax.tree.map(relative_error, stats, want_stats)  # Also checks the trees have one structure.

@@ -180,10 +180,10 @@ class NASNet(_Layers):
 
   `depthwise_impl` chooses the depthwise-convolution formulation (see
   `depthwise.py`); 'auto' picks the fast one for the backend. With
-  `scan_cells`, the normal cells of a block from the third on (identical in
-  every shape) run as one `lax.scan` over their stacked variables, so XLA
-  compiles that cell once per block instead of once per cell; the variables
-  keep their Keras names and values either way.
+  `scan_cells`, the normal cells of a block from the second on run as one
+  `lax.scan` over their stacked variables, so XLA compiles that cell once per
+  block instead of once per cell; the variables keep their Keras names and
+  values either way.
   """
 
   penultimate_filters: int = 4032
@@ -215,8 +215,8 @@ class NASNet(_Layers):
       # Keras numbers normal cells 0..n-1, then n+1..2n after reduce_n, then 2n+1..3n.
       first_id = stage * n + (1 if stage else 0)
       ids = [str(i) for i in range(first_id, first_id + n)]
-      # The first two cells of a block adjust inputs of other shapes; from the third on, all match.
-      scanned = ids[2:] if self.scan_cells and len(ids) > 3 and not self.is_initializing() else []
+      # The first cell of a block halves its `p` (a reduction's input); the others only project it.
+      scanned = ids[1:] if self.scan_cells and len(ids) > 2 and not self.is_initializing() else []
       for i in ids[:len(ids) - len(scanned)]:
         x, p = cell(_NORMAL_CELL, x, p, stage_filters, i)
       if scanned:
@@ -225,16 +225,25 @@ class NASNet(_Layers):
 
   def _scanned_normal_cells(self, ip: jax.Array, p: jax.Array, filters: int, ids: list[str],
                             train: bool) -> tuple[jax.Array, jax.Array]:
-    """Normal cells `ids` in turn, as one lax.scan of a template cell over their stacked variables."""
+    """Normal cells `ids` in turn, as one lax.scan of a template cell over their stacked variables.
+
+    The first cell's `p` (the block's reduction output) is narrower than the
+    later cells' (a normal cell's output, as wide as `ip`). It enters the scan
+    zero-padded to that width, and its `adjust_conv_projection` kernel with zero
+    rows for the padding, which changes no value: every cell then has one shape.
+    """
     template = _TemplateNormalCell(depthwise_impl=self.depthwise_impl, dtype=self.dtype, axis_name=self.axis_name,
                                    bn_momentum=self.bn_momentum, filters=filters)
     shapes = jax.eval_shape(functools.partial(template.init, train=False), jax.random.key(0),
-                            jax.ShapeDtypeStruct(ip.shape, ip.dtype), jax.ShapeDtypeStruct(p.shape, p.dtype))
+                            jax.ShapeDtypeStruct(ip.shape, ip.dtype), jax.ShapeDtypeStruct(ip.shape, p.dtype))
     collections = ('params', 'batch_stats')
 
     def cell_variables(cell_id: str) -> dict[str, Any]:
-      return {col: {name: self.variables[col][_cell_layer(name, cell_id)] for name in shapes[col]}
+      return {col: {name: jax.tree.map(_zero_pad_to, self.variables[col][_cell_layer(name, cell_id)], shape)
+                    for name, shape in shapes[col].items()}
               for col in collections}
+
+    p = _zero_pad_to(p, jax.ShapeDtypeStruct(ip.shape, p.dtype))
 
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[cell_variables(i) for i in ids])
 
@@ -252,7 +261,13 @@ class NASNet(_Layers):
     return x, p
 
 
-
 def _cell_layer(template_name: str, cell_id: str) -> str:
   """The Keras name of a template-cell layer in cell `cell_id` (Keras names end in the cell's id)."""
   return template_name[:-len(_SCAN_ID)] + cell_id
+
+
+def _zero_pad_to(x: jax.Array, like: Any) -> jax.Array:
+  """`x` zero-padded at the end of each axis to the shape of `like` (no copy when the shapes agree)."""
+  if x.shape == like.shape:
+    return x
+  return jnp.pad(x, [(0, want - have) for have, want in zip(x.shape, like.shape)])
