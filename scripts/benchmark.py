@@ -296,7 +296,9 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
   merged['rows'] = [r for r in old['rows'] if _cell_key(r) not in redone] + new['rows']
   merged['frameworks'] = list(dict.fromkeys(old['frameworks'] + new['frameworks']))
   merged['ceilings'] = {**old['ceilings'], **new['ceilings']}
-  merged['pipeline'] = new['pipeline'] or old['pipeline']
+  remeasured = {(r['image_size'], r['batch_size']) for r in new['pipeline']}
+  merged['pipeline'] = [r for r in old['pipeline'] if (r['image_size'], r['batch_size']) not in remeasured]
+  merged['pipeline'] += new['pipeline']
   return merged
 
 

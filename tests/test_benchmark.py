@@ -51,15 +51,20 @@ def test_merge_keeps_rows_not_measured_again():
   def row(backbone, framework, images_per_s):
     return {'backbone': backbone, 'image_size': 224, 'mode': 'train', 'batch_size': 8, 'framework': framework,
             'images_per_s': images_per_s}
+
+  def pipe(batch_size, images_per_s):
+    return {'image_size': 224, 'batch_size': batch_size, 'cached_images_per_s': images_per_s}
   old = {'commands': ['a'], 'frameworks': ['covid_jax', 'keras_jax'], 'ceilings': {'keras_jax': {}},
-         'pipeline': [{'batch_size': 8}], 'rows': [row('vgg16', 'covid_jax', 1.0), row('vgg16', 'keras_jax', 2.0)]}
-  new = {'commands': ['b'], 'frameworks': ['covid_jax'], 'ceilings': {'covid_jax': {}}, 'pipeline': [],
+         'pipeline': [pipe(8, 100.0), pipe(32, 200.0)],
+         'rows': [row('vgg16', 'covid_jax', 1.0), row('vgg16', 'keras_jax', 2.0)]}
+  new = {'commands': ['b'], 'frameworks': ['covid_jax'], 'ceilings': {'covid_jax': {}}, 'pipeline': [pipe(32, 300.0)],
          'rows': [row('vgg16', 'covid_jax', 3.0)]}
   merged = benchmark.merge(old, new)
   assert merged['commands'] == ['a', 'b']
   assert sorted((r['framework'], r['images_per_s']) for r in merged['rows']) == [('covid_jax', 3.0), ('keras_jax', 2.0)]
   assert merged['frameworks'] == ['covid_jax', 'keras_jax']
-  assert set(merged['ceilings']) == {'covid_jax', 'keras_jax'} and merged['pipeline'] == [{'batch_size': 8}]
+  assert set(merged['ceilings']) == {'covid_jax', 'keras_jax'}
+  assert merged['pipeline'] == [pipe(8, 100.0), pipe(32, 300.0)]
 
 
 def test_rejects_unknown_framework(capsys):
