@@ -5,7 +5,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from covid_jax import reporting, train
+from covid_jax import host_memory, reporting, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, TensorBoard events, plots, test_metrics.json. '
@@ -27,6 +27,9 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_LibraryChatter())
+  # Before the backend starts (the device queries below), so XLA's threads share the one arena.
+  if FLAGS.config.retain_freed_host_memory and not host_memory.retain_freed_memory():
+    logging.info('Not glibc: freed host memory goes back to the system as usual.')
   # TensorFlow only feeds data: keep it off the accelerators JAX uses.
   tf.config.set_visible_devices([], 'GPU')
   if FLAGS.multihost:

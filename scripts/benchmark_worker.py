@@ -75,9 +75,11 @@ class CovidJax:
   def __init__(self, backbone: str, image_size: int, weights: str, dtype: str):
     import jax
     from configs import default
-    from covid_jax import input_pipeline, port, train
+    from covid_jax import host_memory, input_pipeline, port, train
     self.jax, self.train = jax, train
     config = default.get_config()
+    if config.retain_freed_host_memory:  # As covid_jax.main does, before the backend starts.
+      host_memory.retain_freed_memory()
     config.model.name, config.model.image_size, config.dtype = backbone, image_size, dtype
     config.learning_rate = LEARNING_RATE
     self.config, self.mesh = config, input_pipeline.data_mesh()

@@ -71,3 +71,20 @@ def test_rejects_unknown_framework(capsys):
   with pytest.raises(SystemExit):
     benchmark.parse_args(['--frameworks', 'covid_jax,pytorch'])
   assert "unknown 'pytorch'" in capsys.readouterr().err
+
+
+def test_conv_backward_benchmark_times_ops_that_agree_with_tensorflow():
+  """Its XLA ops compute TensorFlow's forward, input and kernel gradients (`measure` raises otherwise)."""
+  import benchmark_conv_backward
+  seconds = benchmark_conv_backward.measure(batch_size=2, size=9, c_in=3, c_out=5, repeats=2)
+  assert set(seconds) == {'xla', 'tensorflow'}
+  assert all(set(ops) == set(benchmark_conv_backward.OPS) and min(ops.values()) > 0 for ops in seconds.values())
+
+
+def test_conv_backward_benchmark_rejects_a_wrong_formulation(monkeypatch):
+  import benchmark_conv_backward
+  convolve = benchmark_conv_backward._conv
+  # A true convolution (flipped kernel) instead of TensorFlow's cross-correlation.
+  monkeypatch.setattr(benchmark_conv_backward, '_conv', lambda x, kernel: convolve(x, kernel[::-1, ::-1]))
+  with pytest.raises(AssertionError, match='forward'):
+    benchmark_conv_backward.measure(batch_size=2, size=9, c_in=3, c_out=5, repeats=1)
