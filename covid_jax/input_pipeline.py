@@ -97,7 +97,8 @@ class SplitReader:
     self._max_local_examples = max(builder.info.splits[s].num_examples for s in process_splits)
     self._records = builder.as_dataset(split=process_splits[jax.process_index()], shuffle_files=False,
                                        read_config=tfds.ReadConfig(try_autocache=False))
-    dataset = self._records.map(lambda e: _decode(e, image_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = self._records.map(lambda e: _decode(e, image_size), num_parallel_calls=tf.data.AUTOTUNE,
+                                deterministic=True)
     if cache if cache is not None else self._fits_in_memory():
       dataset = dataset.cache()
     self._decoded = dataset

@@ -84,7 +84,7 @@ class CovidJax:
     config.learning_rate = LEARNING_RATE
     self.config, self.mesh = config, input_pipeline.data_mesh()
     self.model = train.create_model(config)
-    self.variables = train.with_backbone(train.initial_variables(self.model, config), port.from_h5(weights, backbone))
+    self.variables = train.initial_variables(self.model, config, backbone=port.from_h5(weights, backbone))
     self.run: Callable[[], Any] | None = None
 
   def _phase(self, mode: str):
@@ -97,7 +97,9 @@ class CovidJax:
     tx = self.train.make_optimizer(self.config, self.train.make_schedule(phase, 1000), labels)
     state = self.train.TrainState.create(apply_fn=self.model.apply, params=self.variables['params'], tx=tx,
                                          batch_stats=self.variables['batch_stats'])
-    return self.jax.device_put(state, self.jax.sharding.NamedSharding(self.mesh, self.jax.sharding.PartitionSpec()))
+    # A copy (may_alias=False): the train step donates its state, and the next cell starts from the same variables.
+    replicated = self.jax.sharding.NamedSharding(self.mesh, self.jax.sharding.PartitionSpec())
+    return self.jax.device_put(state, replicated, may_alias=False)
 
   def _batch(self, batch_size: int):
     images, labels = images_and_labels(batch_size, self.config.model.image_size)

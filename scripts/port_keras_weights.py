@@ -68,7 +68,8 @@ def load_from_file(path: str, name: str, overrides: dict[str, Any]) -> tuple[ker
   return model, variables, {'source': os.path.abspath(path), 'source_sha256': sha256}
 
 
-def load_from_download(name: str, overrides: dict[str, Any], timeout: float) -> tuple[keras.Model, port.Variables, dict]:
+def load_from_download(name: str, overrides: dict[str, Any],
+                       timeout: float) -> tuple[keras.Model, port.Variables, dict]:
   """The Keras model with downloaded ImageNet weights, and its Flax variables."""
   socket.setdefaulttimeout(timeout)
   try:

@@ -19,20 +19,22 @@ def test_end_to_end_tiny(tmp_path):
   markdown, results = tmp_path / 'BENCHMARKS.md', tmp_path / 'out.json'
   markdown.write_text('# Benchmarks\n\nHand-written notes stay.\n')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  subprocess.run([sys.executable, str(_SCRIPTS / 'benchmark.py'), '--backbones', 'resnet50@32', '--batch_sizes', '2',
+  subprocess.run([sys.executable, str(_SCRIPTS / 'benchmark.py'), '--backbones', 'resnet50@32', '--batch_sizes', '2,4',
                   '--frameworks', 'covid_jax,keras_tensorflow', '--repeats', '2', '--pipeline_images', '0',
                   '--markdown', str(markdown), '--json', str(results)], check=True, env=env)
   data = json.loads(results.read_text())
-  cells = {(r['mode'], r['framework']): r for r in data['rows']}
-  assert set(cells) == {(m, f) for m in ('inference', 'train') for f in ('covid_jax', 'keras_tensorflow')}
-  for row in cells.values():
+  # Two batch sizes: the second train cell starts again from the variables the first one's steps donated.
+  cells = {(r['mode'], r['batch_size'], r['framework']): r for r in data['rows']}
+  assert set(cells) == {(m, b, f) for m in ('inference', 'train') for b in (2, 4)
+                        for f in ('covid_jax', 'keras_tensorflow')}
+  for (_, batch_size, _), row in cells.items():
     assert len(row['seconds']) == 2
-    assert row['images_per_s'] == pytest.approx(2 / statistics.median(row['seconds']))
+    assert row['images_per_s'] == pytest.approx(batch_size / statistics.median(row['seconds']))
     low, high = row['images_per_s_range']
     assert low <= row['images_per_s'] <= high
     assert row['first_call_s'] > 0 and row['peak_rss_bytes'] > 2**20
   # One FLOP count for both frameworks: their GFLOP/s differ exactly as their times do.
-  ours, theirs = cells['train', 'covid_jax'], cells['train', 'keras_tensorflow']
+  ours, theirs = cells['train', 4, 'covid_jax'], cells['train', 4, 'keras_tensorflow']
   assert ours['gflops_per_s'] * ours['median_s'] == pytest.approx(theirs['gflops_per_s'] * theirs['median_s'])
   assert set(data['ceilings']) == {'covid_jax', 'keras_tensorflow'}
   text = markdown.read_text()

@@ -206,6 +206,19 @@ def test_missing_init_from_says_how_to_port(built_dataset, tmp_path):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
+def test_given_backbone_replaces_the_random_one_and_leaves_the_head_as_drawn(tmp_path):
+  config = tiny_config(tmp_path)
+  model = train.create_model(config)
+  drawn = train.initial_variables(model, config)
+  ported = jax.tree.map(lambda v: v + 1.0, {col: drawn[col]['backbone'] for col in drawn})
+  variables = train.initial_variables(model, config, backbone=ported)
+  assert jax.tree.structure(variables) == jax.tree.structure(drawn)
+  for col in drawn:
+    jax.tree.map(np.testing.assert_array_equal, variables[col]['backbone'], ported[col])
+    rest = {k: v for k, v in drawn[col].items() if k != 'backbone'}
+    jax.tree.map(np.testing.assert_array_equal, {k: variables[col][k] for k in rest}, rest)
+
+
 def test_invalid_config_values_name_the_key(built_dataset, tmp_path):
   data_dir, _ = built_dataset
   with pytest.raises(ValueError, match='model.pooling'):

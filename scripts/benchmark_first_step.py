@@ -1,0 +1,88 @@
+"""Seconds from start to a compiled first train step, spent as `train.train_and_evaluate` spends them.
+
+  python scripts/benchmark_first_step.py --model nasnet_large --image_size 331
+  python scripts/benchmark_first_step.py --model nasnet_large --given_backbone
+
+Times, in one fresh process: the initial variables (random, or with a given
+backbone as from ported weights: --given_backbone uses zeros of the right
+shapes, which compile and run as ported values do), the backbone's layer
+order, the train state, and the train step's trace, lowering and XLA
+compilation. The train step is the full fine-tune (every layer trainable),
+unless --freeze_backbone (the study's first phase). No persistent compilation
+cache is used.
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.pop('JAX_COMPILATION_CACHE_DIR', None)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from configs import default  # noqa: E402
+from covid_jax import host_memory, input_pipeline, train  # noqa: E402
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--model', default='nasnet_large')
+  parser.add_argument('--image_size', type=int, default=224)
+  parser.add_argument('--batch_size', type=int, default=8)
+  parser.add_argument('--given_backbone', action='store_true', help='initialise only the head, as with init_from')
+  parser.add_argument('--freeze_backbone', action='store_true', help="the study's first phase: only the head trains")
+  args = parser.parse_args()
+  config = default.get_config()
+  config.model.name, config.model.image_size = args.model, args.image_size
+  config.freeze_backbone = args.freeze_backbone
+  host_memory.retain_freed_memory()
+  mesh = input_pipeline.data_mesh()
+  model = train.create_model(config)
+  seconds = {}
+
+  start = time.perf_counter()
+  backbone = None
+  if args.given_backbone:
+    shapes = train.initial_shapes_only(model, config)
+    backbone = {col: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[col]['backbone']) for col in shapes}
+  variables = jax.block_until_ready(train.initial_variables(model, config, backbone=backbone))
+  seconds['initial variables'] = time.perf_counter() - start
+
+  start = time.perf_counter()
+  phase = train.make_phases(config)[0]
+  layer_order = train.backbone_layer_order(model, config)
+  seconds['layer order'] = time.perf_counter() - start
+
+  start = time.perf_counter()
+  labels = train.param_labels(variables['params'], variables['batch_stats'], layer_order, phase,
+                              config.fine_tune.unfreeze_layers)
+  tx = train.make_optimizer(config, train.make_schedule(phase, 1000), labels)
+  state = train.TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+                                  batch_stats=variables['batch_stats'])
+  seconds['train state'] = time.perf_counter() - start
+
+  train_step, _ = train.compile_steps(mesh, phase, config)
+  images = jax.ShapeDtypeStruct((args.batch_size, args.image_size, args.image_size, 3), jnp.float32)
+  batch = {'image': images, 'label': jax.ShapeDtypeStruct((args.batch_size,), jnp.int32)}
+  start = time.perf_counter()
+  traced = train_step.trace(state, batch, jax.random.key(0))
+  seconds['trace'] = time.perf_counter() - start
+  start = time.perf_counter()
+  lowered = traced.lower()
+  seconds['lower'] = time.perf_counter() - start
+  start = time.perf_counter()
+  lowered.compile()
+  seconds['compile'] = time.perf_counter() - start
+
+  print(f'{args.model}@{args.image_size} batch {args.batch_size}, phase {phase.name} ({phase.trainable} trainable), '
+        f'{"given" if args.given_backbone else "random"} backbone:')
+  print(', '.join(f'{name} {s:.1f} s' for name, s in seconds.items()) + f'; total {sum(seconds.values()):.1f} s')
+
+
+if __name__ == '__main__':
+  main()
