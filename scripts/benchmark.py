@@ -292,13 +292,16 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
   """`new` plus the rows, ceilings and pipeline figures of `old` that `new` did not measure."""
   redone = {_cell_key(r) for r in new['rows']}
   merged = dict(new)
-  merged['commands'] = old['commands'] + new['commands']
-  merged['rows'] = [r for r in old['rows'] if _cell_key(r) not in redone] + new['rows']
-  merged['frameworks'] = list(dict.fromkeys(old['frameworks'] + new['frameworks']))
-  merged['ceilings'] = {**old['ceilings'], **new['ceilings']}
+  rows = [r for r in old['rows'] if _cell_key(r) not in redone] + new['rows']
   remeasured = {(r['image_size'], r['batch_size']) for r in new['pipeline']}
   merged['pipeline'] = [r for r in old['pipeline'] if (r['image_size'], r['batch_size']) not in remeasured]
   merged['pipeline'] += new['pipeline']
+  # Only the commands whose rows are still there (all of them if some row does not say which made it).
+  used = {r.get('command') for r in rows + merged['pipeline']}
+  merged['commands'] = [c for c in dict.fromkeys(old['commands'] + new['commands']) if c in used or None in used]
+  merged['rows'] = rows
+  merged['frameworks'] = list(dict.fromkeys(old['frameworks'] + new['frameworks']))
+  merged['ceilings'] = {**old['ceilings'], **new['ceilings']}
   return merged
 
 
@@ -326,6 +329,8 @@ def main(argv: list[str] | None = None) -> None:
       results['rows'] += measure_backbone(backbone, image_size, args, weights, results['ceilings'])
   if args.pipeline_images:
     results['pipeline'] = measure_pipeline(args.pipeline_images, 224, args.batch_sizes)
+  for row in results['rows'] + results['pipeline']:
+    row['command'] = results['commands'][0]
   if args.merge and os.path.exists(args.json):
     results = merge(json.loads(Path(args.json).read_text()), results)
   Path(args.json).write_text(json.dumps(results, indent=1) + '\n')

@@ -69,6 +69,15 @@ def test_merge_keeps_rows_not_measured_again():
   assert merged['pipeline'] == [pipe(8, 100.0), pipe(32, 300.0)]
 
 
+def test_merge_lists_only_the_commands_whose_rows_remain():
+  def run(command, *backbones):
+    rows = [{'backbone': b, 'image_size': 224, 'mode': 'train', 'batch_size': 8, 'framework': 'covid_jax',
+             'command': command} for b in backbones]
+    return {'commands': [command], 'frameworks': ['covid_jax'], 'ceilings': {}, 'pipeline': [], 'rows': rows}
+  merged = benchmark.merge(benchmark.merge(run('a', 'vgg16'), run('b', 'resnet50')), run('c', 'vgg16'))
+  assert merged['commands'] == ['b', 'c']
+
+
 def test_rejects_unknown_framework(capsys):
   with pytest.raises(SystemExit):
     benchmark.parse_args(['--frameworks', 'covid_jax,pytorch'])
