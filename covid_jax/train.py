@@ -129,8 +129,8 @@ def initial_variables(model: Classifier, config: ml_collections.ConfigDict,
   """Random init, with the backbone's variables taken from `backbone` or else from `init_from` when set.
 
   A given backbone is not drawn at random at all: the jitted init returns only the other variables, so
-  XLA drops the backbone's initialisers (for NASNetLarge, most of a 47 s init). The head's values are
-  the same either way.
+  XLA drops the backbone's initialisers (NASNetLarge on a 2-core CPU: 6 s instead of 52 s). The head's
+  values are the same either way.
   """
   if backbone is None and config.init_from:
     backbone = store.load_ported(config.init_from, config.model.name, **backbone_args(config))
