@@ -40,7 +40,8 @@ def main() -> None:
   config = default.get_config()
   config.model.name, config.model.image_size = args.model, args.image_size
   config.freeze_backbone = args.freeze_backbone
-  host_memory.retain_freed_memory()
+  if config.retain_freed_host_memory:  # As covid_jax.main does, before the backend starts.
+    host_memory.retain_freed_memory()
   mesh = input_pipeline.data_mesh()
   model = train.create_model(config)
   seconds = {}
@@ -49,7 +50,8 @@ def main() -> None:
   backbone = None
   if args.given_backbone:
     shapes = train.initial_shapes_only(model, config)
-    backbone = {col: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[col]['backbone']) for col in shapes}
+    backbone = {col: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree['backbone'])
+                for col, tree in shapes.items() if 'backbone' in tree}
   variables = jax.block_until_ready(train.initial_variables(model, config, backbone=backbone))
   seconds['initial variables'] = time.perf_counter() - start
 

@@ -99,3 +99,14 @@ def test_conv_backward_benchmark_rejects_a_wrong_formulation(monkeypatch):
   monkeypatch.setattr(benchmark_conv_backward, '_conv', lambda x, kernel: convolve(x, kernel[::-1, ::-1]))
   with pytest.raises(AssertionError, match='forward'):
     benchmark_conv_backward.measure(batch_size=2, size=9, c_in=3, c_out=5, repeats=1)
+
+
+def test_first_step_script_times_every_stage_and_sums_them():
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  out = subprocess.run([sys.executable, str(_SCRIPTS / 'benchmark_first_step.py'), '--model', 'vgg16', '--image_size',
+                        '32', '--batch_size', '2', '--given_backbone'], check=True, capture_output=True, text=True,
+                       env=env).stdout.strip().splitlines()[-1]
+  stages, total = out.split('; total ')
+  seconds = dict(part.rsplit(' ', 2)[:2] for part in stages.split(', '))
+  assert list(seconds) == ['initial variables', 'layer order', 'train state', 'trace', 'lower', 'compile']
+  assert float(total.removesuffix(' s')) == pytest.approx(sum(map(float, seconds.values())), abs=0.35)
