@@ -29,7 +29,13 @@ convolution GFLOP/s each framework reaches in the same run, and the input
 pipeline's images/s. Results go to a Markdown section of --markdown (replaced
 between markers, the rest of the file kept) and to --json. With --merge, the
 rows of an earlier --json are kept unless this run measures them again, so slow
-backbones can run with fewer frameworks in a separate invocation.
+backbones can run with fewer frameworks in a separate invocation. Both files are
+rewritten after each backbone, so a run cut short keeps what it measured.
+--section names a section of its own (another machine, another dtype), kept
+beside the others in the same Markdown file:
+
+  python scripts/benchmark.py --frameworks covid_jax,keras_jax --dtype bfloat16 \
+      --section 'GPU bfloat16' --json benchmarks_gpu_bfloat16.json
 """
 
 import argparse
@@ -49,7 +55,6 @@ import benchmark_worker
 _REPO = Path(__file__).resolve().parents[1]
 _WORKER = Path(__file__).resolve().parent / 'benchmark_worker.py'
 _PIPELINE = Path(__file__).resolve().parent / 'benchmark_input_pipeline.py'
-BEGIN, END = '<!-- benchmark.py: begin -->', '<!-- benchmark.py: end -->'
 DEFAULT_BACKBONES = 'vgg16,resnet50,nasnet_mobile,nasnet_large,nasnet_large@331'
 
 
@@ -68,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--markdown', default=str(_REPO / 'BENCHMARKS.md'), help='Markdown file to update')
   parser.add_argument('--json', default=str(_REPO / 'benchmarks.json'), help='JSON results file')
   parser.add_argument('--merge', action='store_true', help='keep the rows of --json that this run does not redo')
+  parser.add_argument('--section', default='', help='name of the Markdown section to write (default: the main one)')
   args = parser.parse_args(argv)
   args.backbones = [_backbone(b) for b in args.backbones.split(',')]
   args.batch_sizes = [int(b) for b in args.batch_sizes.split(',')]
@@ -117,8 +123,15 @@ class Worker:
     self.process.wait()
 
 
+def markers(section: str = '') -> tuple[str, str]:
+  """The comments that delimit a section of the Markdown file."""
+  name = f'benchmark.py {section}'.strip()
+  return f'<!-- {name}: begin -->', f'<!-- {name}: end -->'
+
+
 def _worker_env(framework: str) -> dict[str, str]:
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  # Workers share one accelerator: each takes GPU memory as it needs it, not 75% up front.
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', XLA_PYTHON_CLIENT_PREALLOCATE='false')
   env['KERAS_BACKEND'] = benchmark_worker.KERAS_BACKEND.get(framework, 'tensorflow')
   env.pop('JAX_COMPILATION_CACHE_DIR', None)  # First-call times must include compilation.
   if framework != 'covid_jax' and benchmark_worker.KERAS_BACKEND.get(framework) == 'tensorflow':
@@ -126,10 +139,12 @@ def _worker_env(framework: str) -> dict[str, str]:
   return env
 
 
-def export_weights(backbone: str, image_size: int, path: str) -> None:
-  subprocess.run([sys.executable, str(_WORKER), '--framework', 'keras_tensorflow', '--backbone', backbone,
+def export_weights(backbone: str, image_size: int, path: str, frameworks: list[str]) -> None:
+  """Seeded Keras weights, written by the first Keras backend the run uses (Keras-JAX if none)."""
+  framework = next((f for f in frameworks if f in benchmark_worker.KERAS_BACKEND), 'keras_jax')
+  subprocess.run([sys.executable, str(_WORKER), '--framework', framework, '--backbone', backbone,
                   '--image_size', str(image_size), '--weights', path, '--export_weights'],
-                 check=True, env=_worker_env('keras_tensorflow'), cwd=_REPO)
+                 check=True, env=_worker_env(framework), cwd=_REPO)
 
 
 def measure_backbone(backbone: str, image_size: int, args: argparse.Namespace, weights: str,
@@ -212,8 +227,9 @@ def describe_machine() -> dict[str, Any]:
 
 def _versions() -> dict[str, str]:
   from importlib import metadata
-  return {p: metadata.version(p) for p in ('jax', 'jaxlib', 'flax', 'keras', 'tensorflow-cpu')
-          if _installed(metadata, p)}
+  packages = ('jax', 'jaxlib', 'jax-cuda12-plugin', 'jax-cuda13-plugin', 'flax', 'keras', 'tensorflow-cpu',
+              'tensorflow')
+  return {p: metadata.version(p) for p in packages if _installed(metadata, p)}
 
 
 def _installed(metadata: Any, package: str) -> bool:
@@ -226,9 +242,11 @@ def _installed(metadata: Any, package: str) -> bool:
 
 def to_markdown(results: dict[str, Any]) -> str:
   m = results['machine']
+  begin, end = markers(results.get('section', ''))
   lines = [
-      BEGIN,
-      '## Training and inference speed: covid_jax vs Keras 3',
+      begin,
+      '## Training and inference speed: covid_jax vs Keras 3' + (f' ({results["section"]})' if results.get('section')
+                                                                  else ''),
       '',
       ', '.join(f'`{c}`' for c in results['commands'])
       + f'; {results["date"]}, on {m["cpu"]} ({m["cpu_cores"]} cores)'
@@ -270,7 +288,8 @@ def to_markdown(results: dict[str, Any]) -> str:
     lines.append(f'| {backbone}@{size} | {mode} | {batch} | ' + ' | '.join(entries) + ' |')
   if results['ceilings']:
     n, shape = benchmark_worker.MATMUL_N, 'x'.join(map(str, benchmark_worker.CONV_SHAPE))
-    lines += ['', f'Ceilings measured in the same run (GFLOP/s, best of 10): {n}x{n} matmul, 3x3 convolution '
+    lines += ['', f'Ceilings measured in the same run ({results["dtype"]} GFLOP/s, best of 10): {n}x{n} matmul, '
+              '3x3 convolution '
               f'{shape} -> {benchmark_worker.CONV_FEATURES} channels:',
               '', '| framework | matmul | conv 3x3 |', '|---|---|---|']
     for f, c in results['ceilings'].items():
@@ -280,7 +299,7 @@ def to_markdown(results: dict[str, Any]) -> str:
               '| image size | batch | images/s |', '|---|---|---|']
     for p in results['pipeline']:
       lines.append(f'| {p["image_size"]} | {p["batch_size"]} | {p["cached_images_per_s"]:,.0f} |')
-  lines.append(END)
+  lines.append(end)
   return '\n'.join(lines) + '\n'
 
 
@@ -305,11 +324,12 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
   return merged
 
 
-def update_markdown(path: str, section: str) -> None:
-  """Replaces the section between the markers (or appends it), keeping the rest of the file."""
+def update_markdown(path: str, section: str, name: str = '') -> None:
+  """Replaces section `name` between its markers (or appends it), keeping the rest of the file."""
+  begin, end = markers(name)
   text = Path(path).read_text() if os.path.exists(path) else '# Benchmarks\n'
-  if BEGIN in text and END in text:
-    text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END) + 1:]
+  if begin in text and end in text:
+    text = text[:text.index(begin)] + section + text[text.index(end) + len(end) + 1:]
   else:
     text = text.rstrip('\n') + '\n\n' + section
   Path(path).write_text(text)
@@ -320,22 +340,29 @@ def main(argv: list[str] | None = None) -> None:
   results: dict[str, Any] = {
       'commands': ['python scripts/benchmark.py ' + ' '.join(sys.argv[1:] if argv is None else argv)],
       'date': datetime.date.today().isoformat(), 'machine': describe_machine(), 'dtype': args.dtype,
-      'frameworks': args.frameworks, 'rows': [], 'ceilings': {}, 'pipeline': [],
+      'section': args.section, 'frameworks': args.frameworks, 'rows': [], 'ceilings': {}, 'pipeline': [],
   }
+  earlier = json.loads(Path(args.json).read_text()) if args.merge and os.path.exists(args.json) else None
   with tempfile.TemporaryDirectory() as tmp:
     for backbone, image_size in args.backbones:
       weights = os.path.join(tmp, f'{backbone}_{image_size}.h5')
-      export_weights(backbone, image_size, weights)
+      export_weights(backbone, image_size, weights, args.frameworks)
       results['rows'] += measure_backbone(backbone, image_size, args, weights, results['ceilings'])
+      write(results, earlier, args)
   if args.pipeline_images:
     results['pipeline'] = measure_pipeline(args.pipeline_images, 224, args.batch_sizes)
+    write(results, earlier, args)
+  print(f'wrote {args.markdown} and {args.json}')
+
+
+def write(results: dict[str, Any], earlier: dict[str, Any] | None, args: argparse.Namespace) -> None:
+  """The JSON file and the Markdown section, with what is measured so far (merged into `earlier`)."""
   for row in results['rows'] + results['pipeline']:
     row['command'] = results['commands'][0]
-  if args.merge and os.path.exists(args.json):
-    results = merge(json.loads(Path(args.json).read_text()), results)
+  if earlier is not None:
+    results = merge(earlier, results)
   Path(args.json).write_text(json.dumps(results, indent=1) + '\n')
-  update_markdown(args.markdown, to_markdown(results))
-  print(f'wrote {args.markdown} and {args.json}')
+  update_markdown(args.markdown, to_markdown(results), args.section)
 
 
 if __name__ == '__main__':

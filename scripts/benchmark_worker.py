@@ -131,17 +131,17 @@ class CovidJax:
     return float(compiled.cost_analysis()['flops'])
 
   def ceilings(self) -> dict[str, float]:
-    return _jax_ceilings()
+    return _jax_ceilings(self.config.dtype)
 
 
-def _jax_ceilings() -> dict[str, float]:
-  """XLA's GFLOP/s on a large matmul and a 3x3 convolution: what covid_jax and Keras-JAX can reach."""
+def _jax_ceilings(dtype: str) -> dict[str, float]:
+  """XLA's GFLOP/s on a large matmul and a 3x3 convolution in `dtype`: what covid_jax and Keras-JAX can reach."""
   import jax
   import jax.numpy as jnp
   from jax import lax
-  a = jnp.ones((MATMUL_N, MATMUL_N), jnp.float32)
-  x = jnp.ones(CONV_SHAPE, jnp.float32)
-  k = jnp.ones((3, 3, CONV_SHAPE[-1], CONV_FEATURES), jnp.float32)
+  a = jnp.ones((MATMUL_N, MATMUL_N), dtype)
+  x = jnp.ones(CONV_SHAPE, dtype)
+  k = jnp.ones((3, 3, CONV_SHAPE[-1], CONV_FEATURES), dtype)
   matmul = jax.jit(lambda a: a @ a)
   conv = jax.jit(lambda x, k: lax.conv_general_dilated(x, k, (1, 1), 'SAME',
                                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
@@ -166,7 +166,7 @@ class KerasModel:
     import keras
     from covid_jax import models
     from covid_jax.port.keras_models import keras_backbone
-    self.keras, self.framework, self.image_size = keras, framework, image_size
+    self.keras, self.framework, self.image_size, self.dtype = keras, framework, image_size, dtype
     if dtype == 'bfloat16':
       keras.mixed_precision.set_dtype_policy('mixed_bfloat16')
     self.base = base = keras_backbone(backbone, (image_size, image_size, 3))
@@ -204,11 +204,11 @@ class KerasModel:
 
   def ceilings(self) -> dict[str, float]:
     if self.framework == 'keras_jax':  # The same XLA as covid_jax.
-      return _jax_ceilings()
+      return _jax_ceilings(self.dtype)
     import tensorflow as tf
     jit = self.framework == 'keras_tensorflow_xla'
-    a = tf.ones((MATMUL_N, MATMUL_N))
-    x, k = tf.ones(CONV_SHAPE), tf.ones((3, 3, CONV_SHAPE[-1], CONV_FEATURES))
+    a = tf.ones((MATMUL_N, MATMUL_N), self.dtype)
+    x, k = tf.ones(CONV_SHAPE, self.dtype), tf.ones((3, 3, CONV_SHAPE[-1], CONV_FEATURES), self.dtype)
     matmul = tf.function(lambda a: tf.linalg.matmul(a, a), jit_compile=jit)
     conv = tf.function(lambda x, k: tf.nn.conv2d(x, k, 1, 'SAME'), jit_compile=jit)
     return {'matmul': _best_gflops(lambda: matmul(a).numpy(), 2 * MATMUL_N**3),

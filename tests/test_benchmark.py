@@ -44,9 +44,16 @@ def test_end_to_end_tiny(tmp_path):
 
 def test_update_markdown_replaces_only_its_section(tmp_path):
   path = tmp_path / 'B.md'
-  path.write_text(f'# B\n\nbefore\n\n{benchmark.BEGIN}\nold table\n{benchmark.END}\n\nafter\n')
-  benchmark.update_markdown(str(path), f'{benchmark.BEGIN}\nnew table\n{benchmark.END}\n')
-  assert path.read_text() == f'# B\n\nbefore\n\n{benchmark.BEGIN}\nnew table\n{benchmark.END}\n\nafter\n'
+  begin, end = '<!-- benchmark.py: begin -->', '<!-- benchmark.py: end -->'
+  gpu_begin, gpu_end = '<!-- benchmark.py GPU bfloat16: begin -->', '<!-- benchmark.py GPU bfloat16: end -->'
+  path.write_text(f'# B\n\nbefore\n\n{begin}\nold table\n{end}\n\nafter\n')
+  benchmark.update_markdown(str(path), f'{begin}\nnew table\n{end}\n')
+  assert path.read_text() == f'# B\n\nbefore\n\n{begin}\nnew table\n{end}\n\nafter\n'
+  # A named section goes after the rest the first time, and is replaced alone afterwards.
+  benchmark.update_markdown(str(path), f'{gpu_begin}\ngpu table\n{gpu_end}\n', 'GPU bfloat16')
+  benchmark.update_markdown(str(path), f'{gpu_begin}\ngpu table 2\n{gpu_end}\n', 'GPU bfloat16')
+  assert path.read_text() == (f'# B\n\nbefore\n\n{begin}\nnew table\n{end}\n\nafter\n\n'
+                              f'{gpu_begin}\ngpu table 2\n{gpu_end}\n')
 
 
 def test_merge_keeps_rows_not_measured_again():

@@ -1,0 +1,205 @@
+"""Which formulation of an op is fast on this backend: the models' choices, timed side by side.
+
+  python scripts/benchmark_formulations.py --batch_size 8 --dtype float32
+
+covid_jax writes three ops in a formulation chosen for speed, not the textbook one
+(the modules' docstrings say why):
+
+  depthwise  'shifted', a sum of k*k shifted products (chosen on CPU), against
+             'grouped', a grouped convolution (chosen on GPU/TPU)    models/depthwise.py
+  max pool   maxima of strided slices (chosen everywhere), against
+             lax.reduce_window                                       models/pooling.py
+  1x1 conv   a matmul over channels (chosen everywhere), against
+             a 1x1 convolution                                       models/depthwise.py
+
+At shapes the backbones run, each formulation is jitted on the default backend and
+timed forward and forward + backward (gradients of the input and the kernel), the
+median of --repeats; the formulations take turns. They must agree at HIGHEST
+precision, relative to the largest value, to 1e-4 in float32 and 1e-1 in
+bfloat16 (8 bits: a formulation that accumulates in it is off by a few percent, a
+wrong one by far more). Max pools are compared in float32: bfloat16 inputs tie
+within a window, and each formulation may route a tie's gradient its own way.
+Prints a Markdown table that marks the formulation the models choose here and the
+faster one; --json writes the rows.
+"""
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+
+from covid_jax.models import depthwise, pooling  # noqa: E402
+
+# (where, height = width, channels, kernel size, stride) of depthwise convolutions NASNetLarge runs at 331 px.
+DEPTHWISE_CASES = (('nasnet_large stem', 165, 42, 7, 2), ('nasnet_large stem', 165, 42, 5, 2),
+                   ('nasnet_large block 1', 42, 168, 5, 1), ('nasnet_large block 1', 42, 168, 3, 1),
+                   ('nasnet_large block 2', 21, 336, 5, 1), ('nasnet_large block 3', 11, 672, 3, 1))
+# (where, height = width, channels, window, stride) of VALID max pools.
+POOL_CASES = (('vgg16 pool 1', 224, 64, 2, 2), ('vgg16 pool 2', 112, 128, 2, 2), ('resnet50 stem', 114, 64, 3, 2))
+# (where, height = width, input channels, output channels) of 1x1 convolutions.
+POINTWISE_CASES = (('resnet50 stage 1', 56, 64, 256), ('resnet50 stage 1', 56, 256, 64),
+                   ('resnet50 stage 3', 14, 1024, 256), ('nasnet_large block 1', 42, 168, 168))
+TOLERANCE = {'float32': 1e-4, 'bfloat16': 1e-1}
+
+
+def depthwise_formulations(stride: int) -> dict[str, Callable]:
+  return {impl: (lambda x, k, impl=impl: depthwise.depthwise_conv(x, k, (stride, stride), 'SAME', impl))
+          for impl in ('shifted', 'grouped')}
+
+
+def pool_formulations(window: int, stride: int) -> dict[str, Callable]:
+  def reduce_window(x, _):
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1), 'VALID')
+  return {'strided slices': lambda x, _: pooling.max_pool(x, window, stride), 'reduce_window': reduce_window}
+
+
+def pointwise_formulations() -> dict[str, Callable]:
+  def convolution(x, k):
+    return lax.conv_general_dilated(x, k, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return {'matmul': lambda x, k: jnp.dot(x, k[0, 0]), 'convolution': convolution}
+
+
+def chosen_formulation(op: str) -> str:
+  """The formulation the models use on the default backend."""
+  if op == 'depthwise':
+    return 'shifted' if jax.default_backend() == 'cpu' else 'grouped'
+  return {'max pool': 'strided slices', '1x1 conv': 'matmul'}[op]
+
+
+def forward_and_backward(fn: Callable) -> Callable:
+  """(x, kernel, cotangent) -> the output and the gradients of x and kernel, as a train step needs them."""
+  def run(x, kernel, g):
+    y, vjp = jax.vjp(fn, x, kernel)
+    return y, *vjp(g.astype(y.dtype))
+  return run
+
+
+def time_call(fn: Callable[[], object], repeats: int) -> list[float]:
+  """Seconds per call; short calls are repeated within a sample so dispatch does not dominate."""
+  jax.block_until_ready(fn())
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  inner = max(1, int(0.01 / max(time.perf_counter() - start, 1e-6)))
+  samples = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(inner):
+      result = fn()
+    jax.block_until_ready(result)
+    samples.append((time.perf_counter() - start) / inner)
+  return samples
+
+
+def relative_error(a: Sequence[jax.Array], b: Sequence[jax.Array]) -> float:
+  """Largest difference over the largest magnitude, across all outputs."""
+  return max(float(np.max(np.abs(np.float64(u) - np.float64(v))) / max(np.max(np.abs(np.float64(v))), 1e-30))
+             for u, v in zip(a, b))
+
+
+def measure_case(op: str, where: str, shapes: tuple, formulations: dict[str, Callable], dtype: str,
+                 repeats: int) -> list[dict]:
+  """Both formulations of one case: agreement, then forward and forward+backward times, taking turns."""
+  x_shape, kernel_shape, y_shape = shapes
+  keys = jax.random.split(jax.random.key(0), 3)
+  inputs = (jax.random.normal(keys[0], x_shape), jax.random.normal(keys[1], kernel_shape) /
+            np.sqrt(np.prod(kernel_shape[:-1])), jax.random.normal(keys[2], y_shape))
+  x, kernel, g = (a.astype(dtype) for a in inputs)
+  checked = [a.astype('float32' if op == 'max pool' else dtype) for a in inputs]
+  with jax.default_matmul_precision('highest'):
+    results = {name: jax.jit(forward_and_backward(fn))(*checked) for name, fn in formulations.items()}
+  reference, other = results.values()
+  error = relative_error(other, reference)
+  calls = {}
+  for name, fn in formulations.items():
+    forward, both = jax.jit(fn), jax.jit(forward_and_backward(fn))
+    calls[name] = {'forward': lambda f=forward: f(x, kernel), 'forward_backward': lambda f=both: f(x, kernel, g)}
+  seconds: dict[str, dict[str, list[float]]] = {name: {} for name in formulations}
+  for part in ('forward', 'forward_backward'):
+    for name in formulations:
+      seconds[name][part] = []
+    for _ in range(repeats):
+      for name in formulations:
+        seconds[name][part] += time_call(calls[name][part], 1)
+  chosen = chosen_formulation(op)
+  rows = [{'op': op, 'where': where, 'input_shape': list(x_shape), 'kernel_shape': list(kernel_shape),
+           'dtype': dtype, 'backend': jax.default_backend(), 'formulation': name, 'chosen': name == chosen,
+           'forward_ms': 1e3 * statistics.median(seconds[name]['forward']),
+           'forward_backward_ms': 1e3 * statistics.median(seconds[name]['forward_backward']), 'error': error}
+          for name in formulations]
+  fastest = min(rows, key=lambda r: r['forward_backward_ms'])
+  for row in rows:
+    row['fastest'] = row is fastest
+  return rows
+
+
+def all_cases(batch_size: int, scale: int = 1) -> list[tuple[str, str, tuple, dict[str, Callable]]]:
+  """(op, where, (x, kernel, output) shapes, formulations) of every case; `scale` divides the image sizes."""
+  def shrink(cases):
+    return [(where, max(size // scale, 8), *rest) for where, size, *rest in cases]
+
+  cases = []
+  for where, size, c, k, s in shrink(DEPTHWISE_CASES):
+    out = -(-size // s)
+    cases.append(('depthwise', f'{where} {k}x{k}/{s}', ((batch_size, size, size, c), (k, k, 1, c),
+                                                         (batch_size, out, out, c)), depthwise_formulations(s)))
+  for where, size, c, w, s in shrink(POOL_CASES):
+    out = (size - w) // s + 1
+    cases.append(('max pool', f'{where} {w}x{w}/{s}', ((batch_size, size, size, c), (1,),
+                                                        (batch_size, out, out, c)), pool_formulations(w, s)))
+  for where, size, c_in, c_out in shrink(POINTWISE_CASES):
+    cases.append(('1x1 conv', f'{where} {c_in}->{c_out}', ((batch_size, size, size, c_in), (1, 1, c_in, c_out),
+                                                           (batch_size, size, size, c_out)), pointwise_formulations()))
+  return cases
+
+
+def markdown(rows: list[dict], batch_size: int) -> str:
+  device = jax.devices()[0]
+  lines = [f'Backend {jax.default_backend()} ({device.device_kind}), batch {batch_size}, '
+           f'{rows[0]["dtype"] if rows else ""}; * = the models\' choice here, ! = faster (forward + backward).', '',
+           '| op | where | input | formulation | forward ms | fwd+bwd ms | error |', '| --- | --- | --- | --- | ---: | ---: | ---: |']
+  for r in rows:
+    marks = ('*' if r['chosen'] else '') + ('!' if r['fastest'] else '')
+    lines.append(f'| {r["op"]} | {r["where"]} | {"x".join(map(str, r["input_shape"]))} | {r["formulation"]}{marks} '
+                 f'| {r["forward_ms"]:.3f} | {r["forward_backward_ms"]:.3f} | {r["error"]:.1e} |')
+  return '\n'.join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--batch_size', type=int, default=8)
+  parser.add_argument('--dtype', choices=tuple(TOLERANCE), default='float32')
+  parser.add_argument('--repeats', type=int, default=10)
+  parser.add_argument('--ops', default='depthwise,max pool,1x1 conv', help='comma-separated subset')
+  parser.add_argument('--scale', type=int, default=1, help='divide every spatial size by this (for quick checks)')
+  parser.add_argument('--json', help='also write the rows here')
+  args = parser.parse_args(argv)
+  ops = args.ops.split(',')
+  rows = []
+  for op, where, shapes, formulations in all_cases(args.batch_size, args.scale):
+    if op not in ops:
+      continue
+    rows += measure_case(op, where, shapes, formulations, args.dtype, args.repeats)
+    print(f'{op} {where}: ' + ', '.join(f'{r["formulation"]} {r["forward_backward_ms"]:.2f} ms'
+                                         for r in rows[-2:]), file=sys.stderr, flush=True)
+  print(markdown(rows, args.batch_size))
+  if args.json:
+    Path(args.json).write_text(json.dumps(rows, indent=1))
+  disagree = [r for r in rows if r['error'] > TOLERANCE[args.dtype]]
+  if disagree:  # After the table, so a long run's timings are not lost.
+    raise SystemExit('formulations disagree (> {}): {}'.format(
+        TOLERANCE[args.dtype], '; '.join(f'{r["op"]} {r["where"]} {r["error"]:.1e}' for r in disagree[::2])))
+  return rows
+
+
+if __name__ == '__main__':
+  main()
