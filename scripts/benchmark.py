@@ -30,7 +30,7 @@ pipeline's images/s. Results go to a Markdown section of --markdown (replaced
 between markers, the rest of the file kept) and to --json. With --merge, the
 rows of an earlier --json are kept unless this run measures them again, so slow
 backbones can run with fewer frameworks in a separate invocation. Both files are
-rewritten after each backbone, so a run cut short keeps what it measured.
+rewritten after each cell, so a run cut short keeps what it measured.
 --section names a section of its own (another machine, another dtype), kept
 beside the others in the same Markdown file:
 
@@ -43,10 +43,12 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,12 +150,11 @@ def export_weights(backbone: str, image_size: int, path: str, frameworks: list[s
 
 
 def measure_backbone(backbone: str, image_size: int, args: argparse.Namespace, weights: str,
-                     ceilings: dict[str, dict]) -> list[dict]:
-  """All cells of one backbone: every framework alive at once, taking turns within a cell.
+                     ceilings: dict[str, dict]) -> Iterator[list[dict]]:
+  """All cells of one backbone, yielding each cell's rows: every framework alive at once, taking turns.
 
   Fills `ceilings` (framework -> GFLOP/s) when it is empty.
   """
-  rows = []
   workers = [Worker(f, backbone, image_size, weights, args.dtype) for f in args.frameworks]
   try:
     if not ceilings:
@@ -172,6 +173,7 @@ def measure_backbone(backbone: str, image_size: int, args: argparse.Namespace, w
         for round_index in range(args.repeats):
           for w in workers[round_index % len(workers):] + workers[:round_index % len(workers)]:
             times[w.framework].append(w.ask(op='step')['seconds'])
+        rows = []
         for w in workers:
           seconds = times[w.framework]
           median = statistics.median(seconds)
@@ -184,10 +186,10 @@ def measure_backbone(backbone: str, image_size: int, args: argparse.Namespace, w
               'gflops_per_s': flops / median / 1e9 if flops else None,
           })
           print(_progress_line(rows[-1]), flush=True)
+        yield rows
   finally:
     for w in workers:
       w.close()
-  return rows
 
 
 def _progress_line(row: dict) -> str:
@@ -269,8 +271,8 @@ def to_markdown(results: dict[str, Any]) -> str:
     entries = []
     for f in frameworks:
       r = by_framework.get(f)
-      entries.append('' if r is None else
-                     f'{r["images_per_s"]:.3g} ({r["images_per_s_range"][0]:.3g}-{r["images_per_s_range"][1]:.3g})')
+      low, high = (None, None) if r is None else r['images_per_s_range']
+      entries.append('' if r is None else f'{_rate(r["images_per_s"])} ({_rate(low)}-{_rate(high)})')
     keras_best = max((r['images_per_s'] for f, r in by_framework.items() if f != 'covid_jax'), default=None)
     ours = by_framework.get('covid_jax')
     ratio = f'{ours["images_per_s"] / keras_best:.2f}x' if ours and keras_best else ''
@@ -282,7 +284,7 @@ def to_markdown(results: dict[str, Any]) -> str:
     entries = []
     for f in frameworks:
       r = by_framework.get(f)
-      gflops = f', {r["gflops_per_s"]:.0f} GFLOP/s' if r and r['gflops_per_s'] else ''
+      gflops = f', {r["gflops_per_s"]:,.0f} GFLOP/s' if r and r['gflops_per_s'] else ''
       entries.append('' if r is None else
                      f'{r["first_call_s"]:.1f} s, {r["peak_rss_bytes"] / 2**30:.1f} GiB{gflops}')
     lines.append(f'| {backbone}@{size} | {mode} | {batch} | ' + ' | '.join(entries) + ' |')
@@ -293,7 +295,7 @@ def to_markdown(results: dict[str, Any]) -> str:
               f'{shape} -> {benchmark_worker.CONV_FEATURES} channels:',
               '', '| framework | matmul | conv 3x3 |', '|---|---|---|']
     for f, c in results['ceilings'].items():
-      lines.append(f'| {f} | {c["matmul"]:.0f} | {c["conv"]:.0f} |')
+      lines.append(f'| {f} | {c["matmul"]:,.0f} | {c["conv"]:,.0f} |')
   if results['pipeline']:
     lines += ['', 'Input pipeline (cached epochs, augmentation on), images/s:', '',
               '| image size | batch | images/s |', '|---|---|---|']
@@ -301,6 +303,10 @@ def to_markdown(results: dict[str, Any]) -> str:
       lines.append(f'| {p["image_size"]} | {p["batch_size"]} | {p["cached_images_per_s"]:,.0f} |')
   lines.append(end)
   return '\n'.join(lines) + '\n'
+
+
+def _rate(images_per_s: float) -> str:
+  return f'{images_per_s:,.0f}' if images_per_s >= 1000 else f'{images_per_s:.3g}'
 
 
 def _cell_key(row: dict) -> tuple:
@@ -338,7 +344,7 @@ def update_markdown(path: str, section: str, name: str = '') -> None:
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   results: dict[str, Any] = {
-      'commands': ['python scripts/benchmark.py ' + ' '.join(sys.argv[1:] if argv is None else argv)],
+      'commands': ['python scripts/benchmark.py ' + shlex.join(sys.argv[1:] if argv is None else argv)],
       'date': datetime.date.today().isoformat(), 'machine': describe_machine(), 'dtype': args.dtype,
       'section': args.section, 'frameworks': args.frameworks, 'rows': [], 'ceilings': {}, 'pipeline': [],
   }
@@ -347,8 +353,9 @@ def main(argv: list[str] | None = None) -> None:
     for backbone, image_size in args.backbones:
       weights = os.path.join(tmp, f'{backbone}_{image_size}.h5')
       export_weights(backbone, image_size, weights, args.frameworks)
-      results['rows'] += measure_backbone(backbone, image_size, args, weights, results['ceilings'])
-      write(results, earlier, args)
+      for rows in measure_backbone(backbone, image_size, args, weights, results['ceilings']):
+        results['rows'] += rows
+        write(results, earlier, args)
   if args.pipeline_images:
     results['pipeline'] = measure_pipeline(args.pipeline_images, 224, args.batch_sizes)
     write(results, earlier, args)

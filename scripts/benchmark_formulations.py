@@ -7,8 +7,8 @@ covid_jax writes three ops in a formulation chosen for speed, not the textbook o
 
   depthwise  'shifted', a sum of k*k shifted products (chosen on CPU), against
              'grouped', a grouped convolution (chosen on GPU/TPU)    models/depthwise.py
-  max pool   maxima of strided slices (chosen everywhere), against
-             lax.reduce_window                                       models/pooling.py
+  max pool   maxima of strided slices (chosen on CPU, and where windows do not
+             overlap), against lax.reduce_window                    models/pooling.py
   1x1 conv   a matmul over channels (chosen everywhere), against
              a 1x1 convolution                                       models/depthwise.py
 
@@ -58,9 +58,8 @@ def depthwise_formulations(stride: int) -> dict[str, Callable]:
 
 
 def pool_formulations(window: int, stride: int) -> dict[str, Callable]:
-  def reduce_window(x, _):
-    return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1), 'VALID')
-  return {'strided slices': lambda x, _: pooling.max_pool(x, window, stride), 'reduce_window': reduce_window}
+  return {impl: (lambda x, _, impl=impl: pooling.max_pool(x, window, stride, impl))
+          for impl in ('strided_slices', 'reduce_window')}
 
 
 def pointwise_formulations() -> dict[str, Callable]:
@@ -69,11 +68,15 @@ def pointwise_formulations() -> dict[str, Callable]:
   return {'matmul': lambda x, k: jnp.dot(x, k[0, 0]), 'convolution': convolution}
 
 
-def chosen_formulation(op: str) -> str:
+def chosen_formulation(op: str, window: int = 0, stride: int = 0) -> str:
   """The formulation the models use on the default backend."""
+  cpu = jax.default_backend() == 'cpu'
   if op == 'depthwise':
-    return 'shifted' if jax.default_backend() == 'cpu' else 'grouped'
-  return {'max pool': 'strided slices', '1x1 conv': 'matmul'}[op]
+    return 'shifted' if cpu else 'grouped'
+  if op == 'max pool':
+    return 'strided_slices' if cpu or window <= stride else 'reduce_window'
+  return 'matmul'
+
 
 
 def forward_and_backward(fn: Callable) -> Callable:
@@ -106,7 +109,7 @@ def relative_error(a: Sequence[jax.Array], b: Sequence[jax.Array]) -> float:
              for u, v in zip(a, b))
 
 
-def measure_case(op: str, where: str, shapes: tuple, formulations: dict[str, Callable], dtype: str,
+def measure_case(op: str, where: str, shapes: tuple, formulations: dict[str, Callable], chosen: str, dtype: str,
                  repeats: int) -> list[dict]:
   """Both formulations of one case: agreement, then forward and forward+backward times, taking turns."""
   x_shape, kernel_shape, y_shape = shapes
@@ -130,7 +133,6 @@ def measure_case(op: str, where: str, shapes: tuple, formulations: dict[str, Cal
     for _ in range(repeats):
       for name in formulations:
         seconds[name][part] += time_call(calls[name][part], 1)
-  chosen = chosen_formulation(op)
   rows = [{'op': op, 'where': where, 'input_shape': list(x_shape), 'kernel_shape': list(kernel_shape),
            'dtype': dtype, 'backend': jax.default_backend(), 'formulation': name, 'chosen': name == chosen,
            'forward_ms': 1e3 * statistics.median(seconds[name]['forward']),
@@ -142,8 +144,11 @@ def measure_case(op: str, where: str, shapes: tuple, formulations: dict[str, Cal
   return rows
 
 
-def all_cases(batch_size: int, scale: int = 1) -> list[tuple[str, str, tuple, dict[str, Callable]]]:
-  """(op, where, (x, kernel, output) shapes, formulations) of every case; `scale` divides the image sizes."""
+def all_cases(batch_size: int, scale: int = 1) -> list[tuple[str, str, tuple, dict[str, Callable], str]]:
+  """(op, where, (x, kernel, output) shapes, formulations, the models' choice) of every case.
+
+  `scale` divides the image sizes.
+  """
   def shrink(cases):
     return [(where, max(size // scale, 8), *rest) for where, size, *rest in cases]
 
@@ -151,14 +156,17 @@ def all_cases(batch_size: int, scale: int = 1) -> list[tuple[str, str, tuple, di
   for where, size, c, k, s in shrink(DEPTHWISE_CASES):
     out = -(-size // s)
     cases.append(('depthwise', f'{where} {k}x{k}/{s}', ((batch_size, size, size, c), (k, k, 1, c),
-                                                         (batch_size, out, out, c)), depthwise_formulations(s)))
+                                                         (batch_size, out, out, c)), depthwise_formulations(s),
+                  chosen_formulation('depthwise')))
   for where, size, c, w, s in shrink(POOL_CASES):
     out = (size - w) // s + 1
     cases.append(('max pool', f'{where} {w}x{w}/{s}', ((batch_size, size, size, c), (1,),
-                                                        (batch_size, out, out, c)), pool_formulations(w, s)))
+                                                        (batch_size, out, out, c)), pool_formulations(w, s),
+                  chosen_formulation('max pool', w, s)))
   for where, size, c_in, c_out in shrink(POINTWISE_CASES):
     cases.append(('1x1 conv', f'{where} {c_in}->{c_out}', ((batch_size, size, size, c_in), (1, 1, c_in, c_out),
-                                                           (batch_size, size, size, c_out)), pointwise_formulations()))
+                                                           (batch_size, size, size, c_out)), pointwise_formulations(),
+                  chosen_formulation('1x1 conv')))
   return cases
 
 
@@ -185,10 +193,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
   args = parser.parse_args(argv)
   ops = args.ops.split(',')
   rows = []
-  for op, where, shapes, formulations in all_cases(args.batch_size, args.scale):
+  for op, where, shapes, formulations, chosen in all_cases(args.batch_size, args.scale):
     if op not in ops:
       continue
-    rows += measure_case(op, where, shapes, formulations, args.dtype, args.repeats)
+    rows += measure_case(op, where, shapes, formulations, chosen, args.dtype, args.repeats)
     print(f'{op} {where}: ' + ', '.join(f'{r["formulation"]} {r["forward_backward_ms"]:.2f} ms'
                                          for r in rows[-2:]), file=sys.stderr, flush=True)
   print(markdown(rows, args.batch_size))

@@ -16,6 +16,9 @@ Each stdin line is a JSON command; each answer is one JSON line on stdout
   {"op": "ceilings"}  GFLOP/s of a large matmul and a 3x3 convolution -> {"matmul", "conv"}
   {"op": "flops", "batch_size": B}  (covid_jax only) XLA's FLOP count of the forward pass
 
+Every timed step starts from the host batch (NumPy), as Keras's predict_on_batch
+and train_on_batch do: covid_jax's step includes putting it on the devices.
+
 With --export_weights the process only writes seeded Keras backbone weights to
 --weights (legacy .h5, as keras.applications downloads) and exits: every
 framework then loads the same weights.
@@ -101,8 +104,8 @@ class CovidJax:
     replicated = self.jax.sharding.NamedSharding(self.mesh, self.jax.sharding.PartitionSpec())
     return self.jax.device_put(state, replicated, may_alias=False)
 
-  def _batch(self, batch_size: int):
-    images, labels = images_and_labels(batch_size, self.config.model.image_size)
+  def _batch_on_devices(self, host_batch):
+    images, labels = host_batch
     sharding = self.jax.sharding.NamedSharding(self.mesh, self.jax.sharding.PartitionSpec('data'))
     return {'image': self.jax.device_put(images, sharding), 'label': self.jax.device_put(labels, sharding)}
 
@@ -111,24 +114,28 @@ class CovidJax:
     gc.collect()
     phase = self._phase(mode)
     train_fn, eval_fn = self.train.compile_steps(self.mesh, phase, self.config)
-    batch, state = self._batch(batch_size), self._state(phase)
+    state, host_batch = self._state(phase), images_and_labels(batch_size, self.config.model.image_size)
     if mode == 'inference':
-      self.run = lambda: eval_fn(state, batch).block_until_ready()
+      self.run = lambda: eval_fn(state, self._batch_on_devices(host_batch)).block_until_ready()
       return
     key = self.jax.random.key(SEED)
     holder = {'state': state}
 
     def step():
-      holder['state'], metrics = train_fn(holder['state'], batch, key)
+      holder['state'], metrics = train_fn(holder['state'], self._batch_on_devices(host_batch), key)
       self.jax.block_until_ready((holder['state'], metrics))
     self.run = step
 
   def flops(self, batch_size: int) -> float:
-    """XLA's FLOP count of the compiled forward pass (the eval step) on one batch."""
+    """XLA's FLOP count of the forward pass (the eval step) on one batch.
+
+    Counted on the lowered program, before the backend compiles it: XLA:GPU's compiled
+    cost analysis leaves out the convolutions it hands to cuDNN.
+    """
     phase = self._phase('inference')
     _, eval_fn = self.train.compile_steps(self.mesh, phase, self.config)
-    compiled = eval_fn.lower(self._state(phase), self._batch(batch_size)).compile()
-    return float(compiled.cost_analysis()['flops'])
+    batch = self._batch_on_devices(images_and_labels(batch_size, self.config.model.image_size))
+    return float(eval_fn.lower(self._state(phase), batch).cost_analysis()['flops'])
 
   def ceilings(self) -> dict[str, float]:
     return _jax_ceilings(self.config.dtype)

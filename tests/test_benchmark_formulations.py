@@ -1,0 +1,38 @@
+"""scripts/benchmark_formulations.py: every case timed in both formulations, and a wrong one caught."""
+
+import sys
+from pathlib import Path
+
+import pytest
+from jax import lax
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts'))
+import benchmark_formulations  # noqa: E402
+
+_QUICK = ['--batch_size', '1', '--scale', '16', '--repeats', '1', '--ops', 'max pool']
+
+
+def test_times_both_formulations_of_every_case():
+  rows = benchmark_formulations.main(_QUICK)
+  cases = {}
+  for row in rows:
+    cases.setdefault(row['where'], []).append(row)
+  assert len(cases) == len(benchmark_formulations.POOL_CASES)
+  for where, pair in cases.items():
+    assert {r['formulation'] for r in pair} == {'strided_slices', 'reduce_window'}, where
+    assert sum(r['chosen'] for r in pair) == 1 and sum(r['fastest'] for r in pair) == 1
+    assert all(r['forward_ms'] > 0 and r['forward_backward_ms'] > 0 for r in pair)
+    assert pair[0]['error'] == 0.0  # Max pooling selects inputs: both formulations agree exactly.
+
+
+def test_a_formulation_that_computes_something_else_fails(monkeypatch):
+  right = benchmark_formulations.pool_formulations
+
+  def wrong(window, stride):  # A window one pixel too small: same output shape, other values.
+    forms = right(window, stride)
+    forms['reduce_window'] = lambda x, _: lax.reduce_window(
+        x[:, :-1, :-1], -float('inf'), lax.max, (1, window - 1, window - 1, 1), (1, stride, stride, 1), 'VALID')
+    return forms
+  monkeypatch.setattr(benchmark_formulations, 'pool_formulations', wrong)
+  with pytest.raises(SystemExit, match='formulations disagree'):
+    benchmark_formulations.main(_QUICK)
