@@ -1,5 +1,7 @@
 """Entry point: `python -m covid_jax.main --config=configs/nasnet.py --workdir=RUN [--config.key=value ...]`."""
 
+import os
+
 import jax
 import tensorflow as tf
 from absl import app, flags, logging
@@ -30,6 +32,8 @@ def main(argv: list[str]) -> None:
   # Before the backend starts (the device queries below), so XLA's threads share the one arena.
   if FLAGS.config.retain_freed_host_memory and not host_memory.retain_freed_memory():
     logging.info('Not glibc: freed host memory goes back to the system as usual.')
+  if FLAGS.config.compilation_cache_dir and 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(FLAGS.config.compilation_cache_dir))
   # TensorFlow only feeds data: keep it off the accelerators JAX uses.
   tf.config.set_visible_devices([], 'GPU')
   if FLAGS.multihost:

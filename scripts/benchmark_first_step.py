@@ -9,7 +9,9 @@ shapes, which compile and run as ported values do), the backbone's layer
 order, the train state, and the train step's trace, lowering and XLA
 compilation. The train step is the full fine-tune (every layer trainable),
 unless --freeze_backbone (the study's first phase). No persistent compilation
-cache is used.
+cache is used, unless --compilation_cache names one (as covid_jax.main's
+`compilation_cache_dir` does): run twice to time a re-run, whose compilation is
+a load from the cache.
 """
 
 import argparse
@@ -36,7 +38,10 @@ def main() -> None:
   parser.add_argument('--batch_size', type=int, default=8)
   parser.add_argument('--given_backbone', action='store_true', help='initialise only the head, as with init_from')
   parser.add_argument('--freeze_backbone', action='store_true', help="the study's first phase: only the head trains")
+  parser.add_argument('--compilation_cache', help='persistent compilation cache directory (default: none)')
   args = parser.parse_args()
+  if args.compilation_cache:
+    jax.config.update('jax_compilation_cache_dir', args.compilation_cache)
   config = default.get_config()
   config.model.name, config.model.image_size = args.model, args.image_size
   config.freeze_backbone = args.freeze_backbone

@@ -227,8 +227,15 @@ def test_invalid_config_values_name_the_key(built_dataset, tmp_path):
     train.validate_config(tiny_config(data_dir, **{'model.name': 'resnet50'}))
 
 
-def _main(workdir: Path, *overrides: str, devices: int = 1) -> subprocess.CompletedProcess:
+def _main(workdir: Path, *overrides: str, devices: int = 1, env_changes: dict[str, str | None] | None = None
+          ) -> subprocess.CompletedProcess:
+  """`python -m covid_jax.main` on the demo config; `env_changes` sets (or, with None, removes) variables."""
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  for name, value in (env_changes or {}).items():
+    if value is None:
+      env.pop(name, None)
+    else:
+      env[name] = value
   return subprocess.run([sys.executable, '-m', 'covid_jax.main', '--config=configs/demo.py', f'--workdir={workdir}',
                          *overrides], cwd=ROOT, env=env, capture_output=True, text=True)
 
@@ -237,6 +244,18 @@ def test_mistyped_override_fails(tmp_path):
   result = _main(tmp_path, '--config.num_epoch=3')
   assert result.returncode != 0 and 'num_epoch' in result.stderr
   assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_compiled_steps_are_saved_to_the_configured_cache(built_dataset, tmp_path):
+  data_dir, _ = built_dataset
+  cache = tmp_path / 'cache'
+  overrides = [f'--config.data_dir={data_dir}', '--config.num_epochs=1', f'--config.compilation_cache_dir={cache}',
+               *(f'--config.{key}={value}' for key, value in TINY.items() if key != 'num_epochs')]
+  # Without the test-wide cache variable (it would take precedence), and caching even quick compilations.
+  result = _main(tmp_path / 'run', *overrides, env_changes={'JAX_COMPILATION_CACHE_DIR': None,
+                                                            'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert list(cache.glob('jit_train_step-*')) and list(cache.glob('jit_eval_step-*'))
 
 
 def test_one_and_two_devices_agree(built_dataset, tmp_path):
