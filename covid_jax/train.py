@@ -204,6 +204,19 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule,
   return optax.multi_transform({'train': base, 'freeze': optax.set_to_zero()}, labels)
 
 
+def make_state(model: nn.Module, config: ml_collections.ConfigDict, variables: dict[str, Any], phase: Phase,
+               layer_order: list[str], steps_per_epoch: int) -> TrainState:
+  """A fresh train state for `phase` on `variables`: the phase's schedule, and its optimiser on trainable leaves.
+
+  `layer_order` (backbone_layer_order) matters only to the fine-tune phase, which unfreezes trailing layers.
+  """
+  labels = param_labels(variables['params'], variables['batch_stats'], layer_order, phase,
+                        config.fine_tune.unfreeze_layers)
+  tx = make_optimizer(config, make_schedule(phase, steps_per_epoch), labels)
+  return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+                           batch_stats=variables['batch_stats'])
+
+
 def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
   """Per-example cross-entropy against Keras-style smoothed targets (y (1 - s) + s / 2)."""
   targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
@@ -360,12 +373,8 @@ class Trainer:
     self.writer = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard')) if self.is_writer else None
 
   def new_state(self, variables: dict[str, Any], phase_index: int, step: int = 0) -> TrainState:
-    phase = self.phases[phase_index]
-    labels = param_labels(variables['params'], variables['batch_stats'], self.layer_order, phase,
-                          self.config.fine_tune.unfreeze_layers)
-    tx = make_optimizer(self.config, make_schedule(phase, self.steps_per_epoch), labels)
-    state = TrainState.create(apply_fn=self.model.apply, params=variables['params'], tx=tx,
-                              batch_stats=variables['batch_stats'])
+    state = make_state(self.model, self.config, variables, self.phases[phase_index], self.layer_order,
+                       self.steps_per_epoch)
     return state.replace(step=step)
 
   def abstract_state(self, phase_index: int) -> dict[str, Any]:

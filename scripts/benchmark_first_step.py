@@ -66,11 +66,7 @@ def main() -> None:
   seconds['layer order'] = time.perf_counter() - start
 
   start = time.perf_counter()
-  labels = train.param_labels(variables['params'], variables['batch_stats'], layer_order, phase,
-                              config.fine_tune.unfreeze_layers)
-  tx = train.make_optimizer(config, train.make_schedule(phase, 1000), labels)
-  state = train.TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                                  batch_stats=variables['batch_stats'])
+  state = train.make_state(model, config, variables, phase, layer_order, steps_per_epoch=1000)
   seconds['train state'] = time.perf_counter() - start
 
   train_step, _ = train.compile_steps(mesh, phase, config)

@@ -96,10 +96,8 @@ class CovidJax:
     return self.train.make_phases(self.config)[0]
 
   def _state(self, phase):
-    labels = self.train.param_labels(self.variables['params'], self.variables['batch_stats'], [], phase, -1)
-    tx = self.train.make_optimizer(self.config, self.train.make_schedule(phase, 1000), labels)
-    state = self.train.TrainState.create(apply_fn=self.model.apply, params=self.variables['params'], tx=tx,
-                                         batch_stats=self.variables['batch_stats'])
+    # Layer order matters only to the fine-tune phase, which the benchmark does not run.
+    state = self.train.make_state(self.model, self.config, self.variables, phase, [], steps_per_epoch=1000)
     # A copy (may_alias=False): the train step donates its state, and the next cell starts from the same variables.
     replicated = self.jax.sharding.NamedSharding(self.mesh, self.jax.sharding.PartitionSpec())
     return self.jax.device_put(state, replicated, may_alias=False)

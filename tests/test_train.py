@@ -246,25 +246,18 @@ def test_mistyped_override_fails(tmp_path):
   assert not (tmp_path / 'checkpoints').exists()
 
 
-def test_compiled_steps_are_saved_to_the_configured_cache(built_dataset, tmp_path):
-  data_dir, _ = built_dataset
-  cache = tmp_path / 'cache'
-  overrides = [f'--config.data_dir={data_dir}', '--config.num_epochs=1', f'--config.compilation_cache_dir={cache}',
-               *(f'--config.{key}={value}' for key, value in TINY.items() if key != 'num_epochs')]
-  # Without the test-wide cache variable (it would take precedence), and caching even quick compilations.
-  result = _main(tmp_path / 'run', *overrides, env_changes={'JAX_COMPILATION_CACHE_DIR': None,
-                                                            'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'})
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert list(cache.glob('jit_train_step-*')) and list(cache.glob('jit_eval_step-*'))
-
-
-def test_one_and_two_devices_agree(built_dataset, tmp_path):
+def test_one_and_two_devices_agree_and_steps_go_to_the_compilation_cache(built_dataset, tmp_path):
   data_dir, _ = built_dataset
   overrides = [f'--config.data_dir={data_dir}', '--config.num_epochs=2', '--config.model.head.dropout=0.0',
                *(f'--config.{key}={value}' for key, value in TINY.items() if key != 'num_epochs')]
-  for devices in (1, 2):
-    result = _main(tmp_path / str(devices), *overrides, devices=devices)
+  cache = tmp_path / 'cache'
+  # The one-device run uses its own configured cache: without the test-wide variable (which would take
+  # precedence), and caching even quick compilations.
+  own_cache = {'JAX_COMPILATION_CACHE_DIR': None, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+  for devices, extra, env_changes in ((1, [f'--config.compilation_cache_dir={cache}'], own_cache), (2, [], None)):
+    result = _main(tmp_path / str(devices), *overrides, *extra, devices=devices, env_changes=env_changes)
     assert result.returncode == 0, result.stderr[-3000:]
+  assert list(cache.glob('jit_train_step-*')) and list(cache.glob('jit_eval_step-*'))
   one, two = (_history(tmp_path / str(d)) for d in (1, 2))
   for a, b in zip(one, two):
     for key in ('train_loss', 'val_loss', 'val_accuracy'):
