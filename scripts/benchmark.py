@@ -265,7 +265,7 @@ def to_markdown(results: dict[str, Any]) -> str:
   header = ['backbone', 'mode', 'batch'] + frameworks + ['vs best Keras']
   lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   cells: dict[tuple, dict[str, dict]] = {}
-  for row in results['rows']:
+  for row in sorted(results['rows'], key=_table_order):
     cells.setdefault((row['backbone'], row['image_size'], row['mode'], row['batch_size']), {})[row['framework']] = row
   for (backbone, size, mode, batch), by_framework in cells.items():
     entries = []
@@ -303,6 +303,14 @@ def to_markdown(results: dict[str, Any]) -> str:
       lines.append(f'| {p["image_size"]} | {p["batch_size"]} | {p["cached_images_per_s"]:,.0f} |')
   lines.append(end)
   return '\n'.join(lines) + '\n'
+
+
+def _table_order(row: dict) -> tuple:
+  """Backbones as in the default list, then image size, mode and batch size."""
+  backbones = [name for name, _ in map(_backbone, DEFAULT_BACKBONES.split(','))]
+  modes = ('inference', 'train', 'head')
+  return (backbones.index(row['backbone']) if row['backbone'] in backbones else len(backbones), row['backbone'],
+          row['image_size'], modes.index(row['mode']), row['batch_size'])
 
 
 def _rate(images_per_s: float) -> str:
