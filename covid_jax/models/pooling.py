@@ -7,8 +7,9 @@ against 44 ms; ResNet50's 3x3 stride-2 pool: 98 ms against 12 ms). On an H200
 (float32, batch 8, forward + backward; scripts/benchmark_formulations.py) the
 slices still win for VGG16's non-overlapping 2x2 pools (0.19 against 0.21 ms,
 0.08 against 0.12 ms) but reduce_window wins 3x for ResNet50's overlapping 3x3
-stride-2 pool (0.06 against 0.18 ms), so GPUs and TPUs use it where windows
-overlap. Values are identical. Gradients differ only where two inputs of a
+stride-2 pool (0.06 against 0.18 ms), so backends other than the CPU use it
+where windows overlap (measured on that GPU only, not on a TPU). Values are
+identical. Gradients differ only where two inputs of a
 window tie for the maximum (split by the slices, given to one by
 select_and_scatter): after a ReLU, ties are zeros whose gradient the ReLU stops
 anyway.
