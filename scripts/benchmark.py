@@ -58,6 +58,7 @@ _REPO = Path(__file__).resolve().parents[1]
 _WORKER = Path(__file__).resolve().parent / 'benchmark_worker.py'
 _PIPELINE = Path(__file__).resolve().parent / 'benchmark_input_pipeline.py'
 DEFAULT_BACKBONES = 'vgg16,resnet50,nasnet_mobile,nasnet_large,nasnet_large@331'
+_BACKBONE_ORDER = list(dict.fromkeys(b.partition('@')[0] for b in DEFAULT_BACKBONES.split(',')))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -307,10 +308,9 @@ def to_markdown(results: dict[str, Any]) -> str:
 
 def _table_order(row: dict) -> tuple:
   """Backbones as in the default list, then image size, mode and batch size."""
-  backbones = [name for name, _ in map(_backbone, DEFAULT_BACKBONES.split(','))]
-  modes = ('inference', 'train', 'head')
-  return (backbones.index(row['backbone']) if row['backbone'] in backbones else len(backbones), row['backbone'],
-          row['image_size'], modes.index(row['mode']), row['batch_size'])
+  known = row['backbone'] in _BACKBONE_ORDER
+  return (_BACKBONE_ORDER.index(row['backbone']) if known else len(_BACKBONE_ORDER), row['backbone'],
+          row['image_size'], ('inference', 'train', 'head').index(row['mode']), row['batch_size'])
 
 
 def _rate(images_per_s: float) -> str:
@@ -362,18 +362,17 @@ def main(argv: list[str] | None = None) -> None:
       weights = os.path.join(tmp, f'{backbone}_{image_size}.h5')
       export_weights(backbone, image_size, weights, args.frameworks)
       for rows in measure_backbone(backbone, image_size, args, weights, results['ceilings']):
-        results['rows'] += rows
+        results['rows'] += [dict(row, command=results['commands'][0]) for row in rows]
         write(results, earlier, args)
   if args.pipeline_images:
-    results['pipeline'] = measure_pipeline(args.pipeline_images, 224, args.batch_sizes)
+    pipeline = measure_pipeline(args.pipeline_images, 224, args.batch_sizes)
+    results['pipeline'] = [dict(row, command=results['commands'][0]) for row in pipeline]
     write(results, earlier, args)
   print(f'wrote {args.markdown} and {args.json}')
 
 
 def write(results: dict[str, Any], earlier: dict[str, Any] | None, args: argparse.Namespace) -> None:
   """The JSON file and the Markdown section, with what is measured so far (merged into `earlier`)."""
-  for row in results['rows'] + results['pipeline']:
-    row['command'] = results['commands'][0]
   if earlier is not None:
     results = merge(earlier, results)
   Path(args.json).write_text(json.dumps(results, indent=1) + '\n')

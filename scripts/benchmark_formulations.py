@@ -27,9 +27,9 @@ import argparse
 import json
 import statistics
 import time
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-import sys
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -68,17 +68,6 @@ def pointwise_formulations() -> dict[str, Callable]:
   return {'matmul': lambda x, k: jnp.dot(x, k[0, 0]), 'convolution': convolution}
 
 
-def chosen_formulation(op: str, window: int = 0, stride: int = 0) -> str:
-  """The formulation the models use on the default backend."""
-  cpu = jax.default_backend() == 'cpu'
-  if op == 'depthwise':
-    return 'shifted' if cpu else 'grouped'
-  if op == 'max pool':
-    return 'strided_slices' if cpu or window <= stride else 'reduce_window'
-  return 'matmul'
-
-
-
 def forward_and_backward(fn: Callable) -> Callable:
   """(x, kernel, cotangent) -> the output and the gradients of x and kernel, as a train step needs them."""
   def run(x, kernel, g):
@@ -87,20 +76,20 @@ def forward_and_backward(fn: Callable) -> Callable:
   return run
 
 
-def time_call(fn: Callable[[], object], repeats: int) -> list[float]:
-  """Seconds per call; short calls are repeated within a sample so dispatch does not dominate."""
+def calls_per_sample(fn: Callable[[], object]) -> int:
+  """Warms `fn` up and returns how many calls make a ~10 ms sample, so dispatch does not dominate short ones."""
   jax.block_until_ready(fn())
   start = time.perf_counter()
   jax.block_until_ready(fn())
-  inner = max(1, int(0.01 / max(time.perf_counter() - start, 1e-6)))
-  samples = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(inner):
-      result = fn()
-    jax.block_until_ready(result)
-    samples.append((time.perf_counter() - start) / inner)
-  return samples
+  return max(1, int(0.01 / max(time.perf_counter() - start, 1e-6)))
+
+
+def seconds_per_call(fn: Callable[[], object], calls: int) -> float:
+  start = time.perf_counter()
+  for _ in range(calls):
+    result = fn()
+  jax.block_until_ready(result)
+  return (time.perf_counter() - start) / calls
 
 
 def relative_error(a: Sequence[jax.Array], b: Sequence[jax.Array]) -> float:
@@ -128,11 +117,12 @@ def measure_case(op: str, where: str, shapes: tuple, formulations: dict[str, Cal
     calls[name] = {'forward': lambda f=forward: f(x, kernel), 'forward_backward': lambda f=both: f(x, kernel, g)}
   seconds: dict[str, dict[str, list[float]]] = {name: {} for name in formulations}
   for part in ('forward', 'forward_backward'):
+    per_sample = {name: calls_per_sample(calls[name][part]) for name in formulations}
     for name in formulations:
       seconds[name][part] = []
     for _ in range(repeats):
       for name in formulations:
-        seconds[name][part] += time_call(calls[name][part], 1)
+        seconds[name][part].append(seconds_per_call(calls[name][part], per_sample[name]))
   rows = [{'op': op, 'where': where, 'input_shape': list(x_shape), 'kernel_shape': list(kernel_shape),
            'dtype': dtype, 'backend': jax.default_backend(), 'formulation': name, 'chosen': name == chosen,
            'forward_ms': 1e3 * statistics.median(seconds[name]['forward']),
@@ -157,16 +147,16 @@ def all_cases(batch_size: int, scale: int = 1) -> list[tuple[str, str, tuple, di
     out = -(-size // s)
     cases.append(('depthwise', f'{where} {k}x{k}/{s}', ((batch_size, size, size, c), (k, k, 1, c),
                                                          (batch_size, out, out, c)), depthwise_formulations(s),
-                  chosen_formulation('depthwise')))
+                  depthwise.resolve_impl('auto')))
   for where, size, c, w, s in shrink(POOL_CASES):
     out = (size - w) // s + 1
     cases.append(('max pool', f'{where} {w}x{w}/{s}', ((batch_size, size, size, c), (1,),
                                                         (batch_size, out, out, c)), pool_formulations(w, s),
-                  chosen_formulation('max pool', w, s)))
+                  pooling.resolve_impl('auto', w, s)))
   for where, size, c_in, c_out in shrink(POINTWISE_CASES):
     cases.append(('1x1 conv', f'{where} {c_in}->{c_out}', ((batch_size, size, size, c_in), (1, 1, c_in, c_out),
                                                            (batch_size, size, size, c_out)), pointwise_formulations(),
-                  chosen_formulation('1x1 conv')))
+                  'matmul'))  # PointwiseConv's, on every backend.
   return cases
 
 

@@ -30,6 +30,15 @@ IMPLEMENTATIONS = ('auto', 'shifted', 'grouped')
 Padding = str | Sequence[tuple[int, int]]
 
 
+def resolve_impl(impl: str) -> str:
+  """The formulation `impl` stands for on the default backend ('auto': shifted on CPU, grouped elsewhere)."""
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f'Unknown depthwise implementation {impl!r}; known: {IMPLEMENTATIONS}')
+  if impl == 'auto':
+    return 'shifted' if jax.default_backend() == 'cpu' else 'grouped'
+  return impl
+
+
 def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
                    padding: Padding = 'SAME', impl: str = 'auto') -> jax.Array:
   """Depthwise 2D convolution of NHWC `x` with a (h, w, 1, C * multiplier) `kernel`.
@@ -37,10 +46,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1,
   `padding` is 'SAME' (TensorFlow's: the extra row/column goes bottom/right),
   'VALID', or explicit ((top, bottom), (left, right)) zero padding.
   """
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f'Unknown depthwise implementation {impl!r}; known: {IMPLEMENTATIONS}')
-  if impl == 'auto':
-    impl = 'shifted' if jax.default_backend() == 'cpu' else 'grouped'
+  impl = resolve_impl(impl)
   window = kernel.shape[:2]
   strides = tuple(strides)
   pads = lax.padtype_to_pads(x.shape[1:3], window, strides, padding) if isinstance(padding, str) else padding

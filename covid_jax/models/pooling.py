@@ -26,13 +26,18 @@ from jax import lax
 IMPLEMENTATIONS = ('auto', 'strided_slices', 'reduce_window')
 
 
-def max_pool(x: jax.Array, window: int, stride: int, impl: str = 'auto') -> jax.Array:
-  """VALID `window` x `window` max pooling of NHWC `x` with stride `stride`."""
+def resolve_impl(impl: str, window: int, stride: int) -> str:
+  """The formulation `impl` stands for on the default backend and this window ('auto': see the docstring)."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f'Unknown max-pool implementation {impl!r}; known: {IMPLEMENTATIONS}')
   if impl == 'auto':
-    impl = 'reduce_window' if jax.default_backend() != 'cpu' and window > stride else 'strided_slices'
-  if impl == 'reduce_window':
+    return 'reduce_window' if jax.default_backend() != 'cpu' and window > stride else 'strided_slices'
+  return impl
+
+
+def max_pool(x: jax.Array, window: int, stride: int, impl: str = 'auto') -> jax.Array:
+  """VALID `window` x `window` max pooling of NHWC `x` with stride `stride`."""
+  if resolve_impl(impl, window, stride) == 'reduce_window':
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1), 'VALID')
   n, height, width, c = x.shape
   out_h, out_w = (height - window) // stride + 1, (width - window) // stride + 1
