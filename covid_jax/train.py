@@ -119,48 +119,69 @@ def _dummy_images(config: ml_collections.ConfigDict) -> jax.Array:
   return jnp.zeros((1, config.model.image_size, config.model.image_size, 3), jnp.float32)
 
 
+# An init runs once, and compiling its random-number kernels is most of its cost. With LLVM at -O1 instead
+# of -O2, the tiny test NASNet's init compiles in 8 s instead of 19 s on a 2-core CPU, to bit-identical
+# values (-O0 changes them). Measured on CPU only, so other backends keep their defaults.
+_RUN_ONCE_CPU_OPTIONS = {'xla_backend_optimization_level': 1}
+
+
+def compile_and_run_once(fn: Callable[[], Any]) -> Any:
+  """`jax.jit(fn)()` for code that runs once, such as an init: compiled for compile time (see above)."""
+  options = _RUN_ONCE_CPU_OPTIONS if jax.default_backend() == 'cpu' else None
+  return jax.jit(fn).trace().lower().compile(compiler_options=options)()
+
+
 def _init(model: Classifier, config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Random initial variables (inference mode, so BN's cross-device axis is not needed yet)."""
   return model.init(jax.random.key(config.seed), _dummy_images(config), train=False)
 
 
-def initial_variables(model: Classifier, config: ml_collections.ConfigDict,
-                      backbone: dict[str, Any] | None = None) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class ModelOutline:
+  """What one abstract trace of the model's init shows; a run traces the model for it once, not per use."""
+
+  variables: dict[str, Any]  # jax.ShapeDtypeStruct leaves, nested as the variables are.
+  head_input: jax.ShapeDtypeStruct  # The pooled features, for initialising the head alone.
+
+
+def model_outline(model: Classifier, config: ml_collections.ConfigDict) -> ModelOutline:
+  """Variable shapes and the head's input shape, from one `jax.eval_shape` of the init."""
+  head_inputs: list[jax.ShapeDtypeStruct] = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.module.path == ('head',) and context.method_name == '__call__':
+      head_inputs.append(jax.ShapeDtypeStruct(args[0].shape, args[0].dtype))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    variables = jax.eval_shape(lambda: _init(model, config))
+  return ModelOutline(variables, head_inputs[0])
+
+
+def initial_variables(model: Classifier, config: ml_collections.ConfigDict, backbone: dict[str, Any] | None = None,
+                      outline: ModelOutline | None = None) -> dict[str, Any]:
   """Random init, with the backbone's variables taken from `backbone` or else from `init_from` when set.
 
-  A given backbone is not drawn at random at all: the jitted init returns only the other variables, so
-  XLA drops the backbone's initialisers (NASNetLarge on a 2-core CPU: 6 s instead of 52 s). The head's
-  values are the same either way.
+  A given backbone is not drawn or traced at all: only the head is initialised, on features shaped as
+  `outline` (traced here if not given) says. Flax derives each module's random stream from its path, so
+  the head's values are those of the full init (NASNetLarge on a 2-core CPU: under a second, not 52 s).
   """
   if backbone is None and config.init_from:
     backbone = store.load_ported(config.init_from, config.model.name, **backbone_args(config))
   if backbone is None:
-    return jax.jit(lambda: _init(model, config))()
+    return compile_and_run_once(lambda: _init(model, config))
+  features = (outline or model_outline(model, config)).head_input
 
-  def all_but_backbone():
-    return {col: {k: v for k, v in tree.items() if k != 'backbone'} for col, tree in _init(model, config).items()}
-  return with_backbone(jax.jit(all_but_backbone)(), backbone)
+  def head_only():
+    return model.init(jax.random.key(config.seed), jnp.zeros((1, *features.shape[1:]), features.dtype),
+                      method=lambda classifier, x: classifier.head(x, train=False))
+  return with_backbone(compile_and_run_once(head_only), backbone)
 
 
 def with_backbone(variables: dict[str, Any], backbone: dict[str, Any]) -> dict[str, Any]:
   """The classifier's `variables` with the backbone's replaced by `backbone` (e.g. ported Keras weights)."""
   return {'params': {**variables['params'], 'backbone': backbone['params']},
-          'batch_stats': {**variables['batch_stats'], 'backbone': backbone.get('batch_stats', {})}}
-
-
-def backbone_layer_order(model: Classifier, config: ml_collections.ConfigDict) -> list[str]:
-  """Backbone submodule names in execution order (parameter dicts come back sorted by name)."""
-  order: list[str] = []
-
-  def record(next_fun, args, kwargs, context):
-    path = context.module.path
-    if len(path) == 2 and path[0] == 'backbone' and path[1] not in order:
-      order.append(path[1])
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(record):
-    initial_shapes_only(model, config)
-  return order
+          'batch_stats': {**variables.get('batch_stats', {}), 'backbone': backbone.get('batch_stats', {})}}
 
 
 def param_labels(params: Any, batch_stats: Any, layer_order: list[str], phase: Phase,
@@ -208,7 +229,8 @@ def make_state(model: nn.Module, config: ml_collections.ConfigDict, variables: d
                layer_order: list[str], steps_per_epoch: int) -> TrainState:
   """A fresh train state for `phase` on `variables`: the phase's schedule, and its optimiser on trainable leaves.
 
-  `layer_order` (backbone_layer_order) matters only to the fine-tune phase, which unfreezes trailing layers.
+  `layer_order` (the backbone's layers in Keras's order, `keras_models.layer_order`) matters only to the
+  fine-tune phase, which unfreezes trailing layers.
   """
   labels = param_labels(variables['params'], variables['batch_stats'], layer_order, phase,
                         config.fine_tune.unfreeze_layers)
@@ -368,17 +390,29 @@ class Trainer:
                        'examples: no full batch')
     self.model = create_model(config)
     self.phases = make_phases(config)
-    self.layer_order = backbone_layer_order(self.model, config)
+    self.outline = model_outline(self.model, config)
     self.checkpoints = checkpoints.RunCheckpoints(workdir)
     self.writer = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard')) if self.is_writer else None
 
   def new_state(self, variables: dict[str, Any], phase_index: int, step: int = 0) -> TrainState:
-    state = make_state(self.model, self.config, variables, self.phases[phase_index], self.layer_order,
-                       self.steps_per_epoch)
+    phase = self.phases[phase_index]
+    layer_order = self.layer_order if phase.trainable == 'trailing' else []
+    state = make_state(self.model, self.config, variables, phase, layer_order, self.steps_per_epoch)
     return state.replace(step=step)
 
+  @functools.cached_property
+  def layer_order(self) -> list[str]:
+    """The backbone's layers in Keras's `model.layers` order, in which the study counted its trailing layers.
+
+    Keras orders layers by depth in the graph, not by call order, so the order comes from the Keras model
+    itself (built without weights, on first use: only the fine-tune phase needs it).
+    """
+    from covid_jax.port import keras_models  # Imports Keras, which other runs do not need.
+    size = self.config.model.image_size
+    return keras_models.layer_order(self.config.model.name, (size, size, 3), **backbone_args(self.config))
+
   def abstract_state(self, phase_index: int) -> dict[str, Any]:
-    state = jax.eval_shape(lambda: self.new_state(initial_shapes_only(self.model, self.config), phase_index))
+    state = jax.eval_shape(lambda: self.new_state(self.outline.variables, phase_index))
     return _savable(state)
 
   def restore(self, which: str, phase_index: int) -> TrainState:
@@ -391,10 +425,6 @@ class Trainer:
       with self.writer.as_default(step=step):
         for name, value in scalars.items():
           tf.summary.scalar(name, value)
-
-
-def initial_shapes_only(model: Classifier, config: ml_collections.ConfigDict) -> dict[str, Any]:
-  return jax.eval_shape(lambda: _init(model, config))
 
 
 def _savable(state: TrainState) -> dict[str, Any]:
@@ -418,7 +448,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if progress is None:
     progress = {'epoch': 0, 'phase': 0, 'phase_epoch': 0, 'stopped_early': False, 'history': [],
                 'early_stopping': {}}
-    state = trainer.new_state(initial_variables(trainer.model, config), 0)
+    state = trainer.new_state(initial_variables(trainer.model, config, outline=trainer.outline), 0)
   else:
     logging.info('Resuming from epoch %d (phase %s).', progress['epoch'], trainer.phases[progress['phase']].name)
     state = trainer.restore('latest', progress['phase'])
@@ -477,7 +507,7 @@ def _train_epoch(trainer: Trainer, train_fn: Callable, state: TrainState,
   """One epoch of steps; checks the loss for NaN/inf every log interval, before anything is saved."""
   config = trainer.config
   key = jax.random.fold_in(jax.random.key(config.seed), epoch)
-  losses, accuracies, pending = [], [], []
+  losses, accuracies = [], []
   step0 = int(state.step)
   batches = trainer.readers['train'].train_epoch(config.batch_size, epoch, config.seed, flip=config.augment.flip,
                                                  contrast=config.augment.contrast)

@@ -6,15 +6,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import keras
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from sklearn import metrics as sk_metrics
 
-from configs import demo
+from configs import default, demo
 from covid_jax import train
+from covid_jax.models import depthwise
+from covid_jax.port.keras_models import keras_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 # The demo's small NASNet made smaller still: the same cell code as NASNetLarge, tiny and fast.
@@ -91,18 +96,28 @@ def test_frozen_backbone_is_bit_identical(built_dataset, tmp_path):
   assert all(jax.tree.leaves(head_changed))
 
 
-def test_fine_tune_unfreezes_only_trailing_non_batchnorm_layers(built_dataset, tmp_path):
+@pytest.mark.parametrize('name', ('vgg16', 'resnet50', 'nasnet'))
+def test_fine_tune_unfreezes_trailing_layers_counted_in_keras_order(built_dataset, tmp_path, name):
+  """The study's `layers[-N:]` counts in Keras's `model.layers` order (graph depth), not in call order."""
   data_dir, _ = built_dataset
-  config = tiny_config(data_dir, freeze_backbone=True, **{'fine_tune.num_epochs': 1, 'fine_tune.unfreeze_layers': 3})
+  if name == 'nasnet':
+    config = tiny_config(data_dir)
+  else:
+    config = default.get_config()
+    config.data_dir, config.model.name, config.model.image_size = str(data_dir), name, 32
+  config.update_from_flattened_dict({'freeze_backbone': True, 'fine_tune.num_epochs': 1,
+                                     'fine_tune.unfreeze_layers': 7})
   trainer = train.Trainer(config, str(tmp_path))
-  variables = train.initial_variables(trainer.model, config)
-  labels = train.param_labels(variables['params'], variables['batch_stats'], trainer.layer_order, trainer.phases[1], 3)
-  trained = [name for name in trainer.layer_order
-             if name in labels['backbone'] and set(jax.tree.leaves(labels['backbone'][name])) == {'train'}]
-  weighted = [n for n in trainer.layer_order if n in variables['params']['backbone']
-              and n not in variables['batch_stats']['backbone']]
-  assert trained == weighted[-3:]
+  keras_model = keras_backbone(name, (32, 32, 3), **train.backbone_args(config))
+  weighted = [layer.name for layer in keras_model.layers
+              if layer.weights and not isinstance(layer, keras.layers.BatchNormalization)]
+  variables = trainer.outline.variables
+  labels = train.param_labels(variables['params'], variables['batch_stats'], trainer.layer_order, trainer.phases[1], 7)
+  unfrozen = {layer for layer, tree in labels['backbone'].items() if set(jax.tree.leaves(tree)) == {'train'}}
+  assert unfrozen == set(weighted[-7:])
   assert set(jax.tree.leaves(labels['head'])) == {'train'}
+  # The outline's head input is the pooled backbone output.
+  assert trainer.outline.head_input.shape == (1, keras_model.output_shape[-1])
 
 
 @pytest.mark.parametrize('values,patience,min_delta,stop_epoch,best_epoch', [
@@ -204,6 +219,26 @@ def test_missing_init_from_says_how_to_port(built_dataset, tmp_path):
   config = tiny_config(data_dir, init_from=str(tmp_path / 'nowhere'))
   with pytest.raises(FileNotFoundError, match='scripts/port_keras_weights.py --model nasnet'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+class _EveryInitializer(nn.Module):
+  """One layer per initialiser the models draw from: variance-scaling normals, glorot uniform, zeros, ones."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(64, (3, 3))(x)  # lecun_normal (VGG16, ResNet50).
+    x = depthwise.PointwiseConv(96, kernel_init=nn.initializers.he_normal())(x)  # NASNet's plain convs.
+    x = depthwise.DepthwiseConv((5, 5))(x)  # glorot_uniform.
+    x = nn.BatchNorm(use_running_average=True)(x)
+    return nn.Dense(10)(x.mean(axis=(1, 2)))
+
+
+def test_run_once_compilation_draws_what_the_default_compilation_draws():
+  module = _EveryInitializer()
+
+  def init():
+    return module.init(jax.random.key(3), jnp.zeros((1, 16, 16, 32)))
+  jax.tree.map(np.testing.assert_array_equal, train.compile_and_run_once(init), jax.jit(init)())
 
 
 def test_given_backbone_replaces_the_random_one_and_leaves_the_head_as_drawn(tmp_path):

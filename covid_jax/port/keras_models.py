@@ -38,6 +38,15 @@ def keras_backbone(name: str, input_shape: tuple[int, int, int] | None = None, w
       include_top=False, weights=weights, input_shape=input_shape)
 
 
+def layer_order(name: str, input_shape: tuple[int, int, int] | None = None, **overrides: Any) -> list[str]:
+  """Backbone `name`'s layer names in Keras's `model.layers` order: by depth in the graph, ties in graph order.
+
+  That is the order in which Keras code such as `model.layers[-54:]` counts layers. The model is built
+  with random weights, without touching the global random seed.
+  """
+  return [layer.name for layer in keras_backbone(name, input_shape, seed=None, **overrides).layers]
+
+
 def save_legacy_h5(model: keras.Model, path: str) -> None:
   """Writes `model`'s weights in the legacy .h5 layout that keras.applications downloads."""
   with h5py.File(path, 'w') as f:
