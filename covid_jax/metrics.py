@@ -1,4 +1,8 @@
-"""Classification metrics from gathered predictions, computed once on the host with scikit-learn.
+"""Classification metrics from gathered predictions, computed once on the host.
+
+The point metrics come from scikit-learn. ROC AUC and the bootstrap's accuracy
+are computed with NumPy/SciPy, because the bootstrap evaluates them 1,000 times
+and scikit-learn's input validation would cost more than the metrics.
 
 Label 0 is non-COVID and label 1 is COVID, the positive class: `precision`,
 `recall` (sensitivity) and `f1` are those of class 1 and `specificity` is the
@@ -13,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import scipy.stats
 from sklearn import metrics as sk
 
 CLASS_NAMES = ('non_covid', 'covid')
@@ -39,15 +44,24 @@ def predict(covid_probability: np.ndarray, threshold: float = 0.5) -> np.ndarray
 
 
 def roc_auc(labels: np.ndarray, covid_probability: np.ndarray) -> float | None:
-  """ROC AUC of the COVID probability; None when `labels` hold one class only (AUC is undefined)."""
-  if np.unique(labels).size < 2:
+  """ROC AUC of the COVID probability; None when `labels` hold one class only (AUC is undefined).
+
+  Computed as the Mann-Whitney statistic (tied scores count half), which is the area under the ROC
+  curve that scikit-learn integrates; from ranks it costs ~50x less, which the bootstrap's 1,000
+  resamples feel.
+  """
+  positive = np.asarray(labels) == 1
+  num_positive = int(positive.sum())
+  num_negative = positive.size - num_positive
+  if not num_positive or not num_negative:
     return None
-  return float(sk.roc_auc_score(labels, covid_probability))
+  ranks = scipy.stats.rankdata(covid_probability)  # Tied scores share their mean rank.
+  return float((ranks[positive].sum() - num_positive * (num_positive + 1) / 2) / (num_positive * num_negative))
 
 
 def accuracy_at(threshold: float) -> Callable[[np.ndarray, np.ndarray], float]:
   """Accuracy as a function of (labels, covid_probability), for `bootstrap_ci`."""
-  return lambda labels, covid_probability: float(sk.accuracy_score(labels, predict(covid_probability, threshold)))
+  return lambda labels, covid_probability: float(np.mean(labels == predict(covid_probability, threshold)))
 
 
 def bootstrap_ci(labels: np.ndarray,

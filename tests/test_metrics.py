@@ -63,6 +63,21 @@ def test_matches_sklearn():
   assert got['confusion_matrix'] == sk.confusion_matrix(labels, predicted).tolist()
 
 
+@pytest.mark.parametrize('decimals', (None, 1))  # Distinct scores, and scores with many ties.
+def test_roc_auc_and_bootstrap_accuracy_match_sklearn(decimals):
+  rng = np.random.default_rng(5)
+  for size in (2, 7, 60, 500):
+    labels = rng.integers(0, 2, size)
+    labels[:2] = (0, 1)
+    covid_probability = rng.uniform(0, 1, size)
+    if decimals is not None:
+      covid_probability = covid_probability.round(decimals)
+    assert metrics.roc_auc(labels, covid_probability) == pytest.approx(
+        sk.roc_auc_score(labels, covid_probability), rel=1e-12, abs=1e-15)
+    assert metrics.accuracy_at(0.5)(labels, covid_probability) == sk.accuracy_score(
+        labels, (covid_probability > 0.5).astype(int))
+
+
 def test_class_names_are_not_swapped():
   # The classes differ clearly (covid precision 0.8, non_covid 0.6): a swapped
   # report would put 0.6 under 'covid'.
