@@ -19,7 +19,7 @@ def test_end_to_end_tiny(tmp_path):
   markdown, results = tmp_path / 'BENCHMARKS.md', tmp_path / 'out.json'
   markdown.write_text('# Benchmarks\n\nHand-written notes stay.\n')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  subprocess.run([sys.executable, str(_SCRIPTS / 'benchmark.py'), '--backbones', 'resnet50@32', '--batch_sizes', '2,4',
+  subprocess.run([sys.executable, str(_SCRIPTS / 'benchmark.py'), '--backbones', 'vgg16@32', '--batch_sizes', '2,4',
                   '--frameworks', 'covid_jax,keras_tensorflow', '--repeats', '2', '--pipeline_images', '0',
                   '--markdown', str(markdown), '--json', str(results)], check=True, env=env)
   data = json.loads(results.read_text())
@@ -39,7 +39,7 @@ def test_end_to_end_tiny(tmp_path):
   assert set(data['ceilings']) == {'covid_jax', 'keras_tensorflow'}
   text = markdown.read_text()
   assert 'Hand-written notes stay.' in text
-  assert '| resnet50@32 | train | 2 |' in text
+  assert '| vgg16@32 | train | 2 |' in text
 
 
 def test_update_markdown_replaces_only_its_section(tmp_path):
