@@ -93,6 +93,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                  f'model.nasnet.{",".join(nasnet_args)} only applies to NASNet backbones, not {config.model.name}'))
   checks.append((config.model.bn_momentum is None or config.model.name != 'vgg16',
                  'model.bn_momentum: vgg16 has no BatchNorm'))
+  for prefix, phase in (('', config), ('fine_tune.', config.fine_tune)):
+    checks.append((phase.num_epochs <= 0 or phase.warmup_epochs < phase.num_epochs,
+                   f'{prefix}warmup_epochs {phase.warmup_epochs} must be less than {prefix}num_epochs '
+                   f'{phase.num_epochs}: the cosine decay needs steps after the warm-up'))
   problems = [message for ok, message in checks if not ok]
   if problems:
     raise ValueError('invalid config: ' + '; '.join(problems))

@@ -260,6 +260,10 @@ def test_invalid_config_values_name_the_key(built_dataset, tmp_path):
     train.validate_config(tiny_config(data_dir, **{'model.pooling': 'mean'}))
   with pytest.raises(ValueError, match=r'model\.nasnet\..*num_blocks.* only applies to NASNet backbones, not resnet50'):
     train.validate_config(tiny_config(data_dir, **{'model.name': 'resnet50'}))
+  with pytest.raises(ValueError, match=r'fine_tune\.warmup_epochs 2 must be less than fine_tune\.num_epochs 2'):
+    train.validate_config(tiny_config(data_dir, **{'fine_tune.num_epochs': 2, 'fine_tune.warmup_epochs': 2}))
+  with pytest.raises(ValueError, match=r'config: warmup_epochs 1 must be less than num_epochs 1'):
+    train.validate_config(tiny_config(data_dir, num_epochs=1, warmup_epochs=1))
 
 
 def _main(workdir: Path, *overrides: str, devices: int = 1, env_changes: dict[str, str | None] | None = None
