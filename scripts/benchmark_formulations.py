@@ -164,7 +164,8 @@ def markdown(rows: list[dict], batch_size: int) -> str:
   device = jax.devices()[0]
   lines = [f'Backend {jax.default_backend()} ({device.device_kind}), batch {batch_size}, '
            f'{rows[0]["dtype"] if rows else ""}; * = the models\' choice here, ! = faster (forward + backward).', '',
-           '| op | where | input | formulation | forward ms | fwd+bwd ms | error |', '| --- | --- | --- | --- | ---: | ---: | ---: |']
+           '| op | where | input | formulation | forward ms | fwd+bwd ms | error |',
+           '| --- | --- | --- | --- | ---: | ---: | ---: |']
   for r in rows:
     marks = ('*' if r['chosen'] else '') + ('!' if r['fastest'] else '')
     lines.append(f'| {r["op"]} | {r["where"]} | {"x".join(map(str, r["input_shape"]))} | {r["formulation"]}{marks} '
