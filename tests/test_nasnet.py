@@ -174,6 +174,17 @@ def test_depthwise_conv_and_gradients_match_tensorflow(impl, multiplier, stride,
   assert relative_error(got_dkernel.reshape(kernel.shape), want_dkernel) <= 1e-6
 
 
+@pytest.mark.parametrize('impl', IMPLS)
+def test_depthwise_conv_in_bfloat16_returns_bfloat16(impl):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 9, 9, 3)), jnp.bfloat16)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 1)), jnp.bfloat16)  # TensorFlow's (h, w, C, multiplier).
+  got = depthwise.depthwise_conv(x, kernel.reshape(3, 3, 1, 3), (1, 1), 'SAME', impl)
+  assert got.dtype == jnp.bfloat16
+  want = tf.nn.depthwise_conv2d(np.asarray(x, np.float32), np.asarray(kernel, np.float32), (1, 1, 1, 1), 'SAME')
+  assert relative_error(np.asarray(got, np.float32), want) <= 1e-2  # The output's rounding to 8 mantissa bits.
+
+
 def test_depthwise_auto_avoids_grouped_convolution_on_cpu():
   x, kernel = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 1, 4))
   jaxpr = str(jax.make_jaxpr(functools.partial(depthwise.depthwise_conv, impl='auto'))(x, kernel))

@@ -15,13 +15,13 @@ it 2-4x faster than the equivalent convolution op.
 """
 
 import functools
-import operator
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 # 'auto' picks per backend at trace time; the others force one formulation.
@@ -59,7 +59,8 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1,
     x = jnp.repeat(x, multiplier, axis=-1)
   # CPUs lack half-precision arithmetic: XLA would convert around every tap (3x the compile time). Use float32.
   wide = jnp.promote_types(x.dtype, jnp.float32)
-  y = _correlate(jnp.pad(x, ((0, 0), *pads, (0, 0))).astype(wide), kernel.astype(wide), strides)
+  xp = lax.pad(x.astype(wide), np.zeros((), wide), ((0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)))
+  y = _correlate(xp, kernel.astype(wide), strides)
   return y.astype(x.dtype)
 
 
@@ -75,8 +76,15 @@ def _taps(xp: jax.Array, window: Sequence[int], strides: Sequence[int]) -> list[
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _correlate(xp: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
   """Depthwise cross-correlation of already padded `xp`: the sum over taps t of taps[t] * kernel[t]."""
-  weights = kernel.reshape(-1, kernel.shape[-1])
-  return functools.reduce(operator.add, (t * w for t, w in zip(_taps(xp, kernel.shape[:2], strides), weights)))
+  taps = _taps(xp, kernel.shape[:2], strides)
+  weights = kernel.reshape(len(taps), kernel.shape[-1])
+  return functools.reduce(lax.add, (_times_channels(t, lax.index_in_dim(weights, i, keepdims=False))
+                                    for i, t in enumerate(taps)))
+
+
+def _times_channels(x: jax.Array, w: jax.Array) -> jax.Array:
+  """NHWC `x` times the per-channel `w`, in lax: jnp's operators cost ~10x the tracing time (thousands per model)."""
+  return lax.mul(x, lax.broadcast_in_dim(w, x.shape, (3,)))
 
 
 def _correlate_fwd(xp, kernel, strides):
@@ -87,16 +95,16 @@ def _correlate_bwd(strides, residuals, g):
   """Written by hand: autodiff gives the kernel one reduction per tap, ~10x the compile and run time."""
   xp, kernel = residuals
   (kh, kw), (sh, sw) = kernel.shape[:2], strides
-  zero = jnp.zeros((), g.dtype)
+  zero = np.zeros((), g.dtype)
   # Each tap scattered g back onto xp: correlate the stride-dilated, (k - 1)-padded g with the flipped kernel,
   # then zero the rows/columns past the last window.
   spread = lax.pad(g, zero, ((0, 0, 0), (kh - 1, kh - 1, sh - 1), (kw - 1, kw - 1, sw - 1), (0, 0, 0)))
-  d_xp = _correlate(spread, kernel[::-1, ::-1], (1, 1))
+  d_xp = _correlate(spread, lax.rev(kernel, (0, 1)), (1, 1))
   d_xp = lax.pad(d_xp, zero, [(0, xp.shape[i] - d_xp.shape[i], 0) for i in range(4)])
 
   # A tap's gradient is its input slice times g, summed: one variadic reduction computes all k*k sums in a
   # single pass over g (1.2-1.6x faster than a loop over taps, ~5x faster than one reduction per tap).
-  products = [tap * g for tap in _taps(xp, (kh, kw), strides)]
+  products = [lax.mul(tap, g) for tap in _taps(xp, (kh, kw), strides)]
   zeros = [zero] * len(products)
   sums = lax.reduce(products, zeros, lambda a, b: [u + v for u, v in zip(a, b)], (0, 1, 2))
   return d_xp, jnp.stack(sums).reshape(kernel.shape).astype(kernel.dtype)
@@ -143,8 +151,8 @@ class PointwiseConv(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32) if self.use_bias else None
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     if self.strides > 1:
-      x = x[:, ::self.strides, ::self.strides]
-    y = jnp.dot(x, kernel[0, 0])
+      x = lax.slice(x, (0, 0, 0, 0), x.shape, (1, self.strides, self.strides, 1))
+    y = jnp.dot(x, kernel.reshape(kernel.shape[2:]))
     return y if bias is None else y + bias
 
 
