@@ -6,7 +6,10 @@ or trimmed off the heap top), so the next step faults its whole working set in
 again and the kernel zero-fills every page: measured on a 2-core CPU, a ResNet50
 train step at batch 32 took ~10^6 page faults and 2 s of kernel time each
 step. One malloc arena that never mmaps and never trims reuses those pages
-(the step went from 9.4 s to 8.4 s). Resident memory then stays at its peak.
+(the step went from 9.4 s to 8.4 s). Resident memory then stays at its peak,
+and XLA's compiler threads contend for the one arena: NASNetLarge's train step
+compiles 15-20% slower. Per-thread arenas cannot keep the gain: glibc unmaps
+their heaps when they empty (BENCHMARKS.md).
 """
 
 import ctypes

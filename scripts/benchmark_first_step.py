@@ -12,6 +12,10 @@ fine-tune (every layer trainable), unless --freeze_backbone (the study's first
 phase). No persistent compilation cache is used, unless --compilation_cache
 names one (as covid_jax.main's `compilation_cache_dir` does): run twice to time
 a re-run, whose compilation is a load from the cache.
+
+The process keeps freed host memory as covid_jax.main does, unless
+--retain_freed_host_memory false: its one malloc arena slows XLA's compiler
+threads (BENCHMARKS.md).
 """
 
 import argparse
@@ -39,12 +43,16 @@ def main() -> None:
   parser.add_argument('--given_backbone', action='store_true', help='initialise only the head, as with init_from')
   parser.add_argument('--freeze_backbone', action='store_true', help="the study's first phase: only the head trains")
   parser.add_argument('--compilation_cache', help='persistent compilation cache directory (default: none)')
+  parser.add_argument('--retain_freed_host_memory', choices=('true', 'false'),
+                      help="the config key of that name (default: the config's); see covid_jax/host_memory.py")
   args = parser.parse_args()
   if args.compilation_cache:
     jax.config.update('jax_compilation_cache_dir', args.compilation_cache)
   config = default.get_config()
   config.model.name, config.model.image_size = args.model, args.image_size
   config.freeze_backbone = args.freeze_backbone
+  if args.retain_freed_host_memory:
+    config.retain_freed_host_memory = args.retain_freed_host_memory == 'true'
   if config.retain_freed_host_memory:  # As covid_jax.main does, before the backend starts.
     host_memory.retain_freed_memory()
   mesh = input_pipeline.data_mesh()
