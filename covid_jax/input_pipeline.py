@@ -1,10 +1,11 @@
 """TFRecords written by `data_prep.build` -> batches of global jax.Arrays sharded over ('data',).
 
 Images arrive as float32 RGB 0-255 (each model applies its own preprocessing).
-The host decodes, resizes and caches uint8 images; the float conversion and the
+The host decodes, resizes and keeps uint8 images; the float conversion and the
 augmentation run as one jitted pass on the devices. Training batches are
-shuffled and augmented with seeds derived from (seed, epoch, step), so any epoch
-can be replayed exactly after a restart. Evaluation batches cover
+shuffled and augmented with seeds derived from (seed, epoch, step) alone, never
+from TensorFlow's or Keras's global seed, so any epoch can be replayed exactly
+after a restart or in another process. Evaluation batches cover
 every example exactly once, in file order, padded to full batches with mask=False.
 Each process reads only its own part of each split.
 """
@@ -81,11 +82,11 @@ def _to_float(images: jax.Array) -> jax.Array:
 
 
 class SplitReader:
-  """One split of a built dataset, read by this process, decoded and resized once."""
+  """One split of a built dataset, read by this process, decoded and resized once when it fits in memory."""
 
   def __init__(self, data_dir: str | os.PathLike, split: str, image_size: int, mesh: Mesh | None = None,
                cache: bool | None = None):
-    """`cache=None` caches in memory when the decoded split fits the budget."""
+    """`cache=None` keeps the decoded split in memory when it fits the budget; otherwise each pass decodes it."""
     self.mesh = mesh or data_mesh()
     self.image_size = image_size
     builder = tfds.builder_from_directory(str(dataset_dir(data_dir)))
@@ -95,13 +96,13 @@ class SplitReader:
     process_splits = tfds.even_splits(split, jax.process_count())
     self.num_local_examples = builder.info.splits[process_splits[jax.process_index()]].num_examples
     self._max_local_examples = max(builder.info.splits[s].num_examples for s in process_splits)
+    self._source = f'{data_dir} split {split!r}'
     self._records = builder.as_dataset(split=process_splits[jax.process_index()], shuffle_files=False,
                                        read_config=tfds.ReadConfig(try_autocache=False))
-    dataset = self._records.map(lambda e: _decode(e, image_size), num_parallel_calls=tf.data.AUTOTUNE,
-                                deterministic=True)
-    if cache if cache is not None else self._fits_in_memory():
-      dataset = dataset.cache()
-    self._decoded = dataset
+    self._decoded = self._records.map(lambda e: _decode(e, image_size), num_parallel_calls=tf.data.AUTOTUNE,
+                                      deterministic=True)
+    self._keep_in_memory = cache if cache is not None else self._fits_in_memory()
+    self._kept: dict[str, np.ndarray] | None = None
 
   def example_paths(self) -> list[str]:
     """Source paths (relative, as in manifest.json) of this process's examples, in eval order."""
@@ -121,17 +122,45 @@ class SplitReader:
     """Full training batches per epoch (the remainder of each reshuffled epoch is dropped)."""
     return self.num_examples // batch_size
 
+  def _examples(self) -> dict[str, np.ndarray]:
+    """This process's decoded examples in file order, as host arrays; kept for later passes when they fit.
+
+    A training epoch needs them all at once anyway: a shuffle over the whole
+    split cannot yield its first batch before it has read the last example.
+    """
+    if self._kept is not None:
+      return self._kept
+    n, size = self.num_local_examples, self.image_size
+    examples = {'image': np.empty((n, size, size, 3), np.uint8), 'label': np.empty(n, np.int32),
+                'channel_mean': np.empty((n, 3), np.float32)}
+    start = 0
+    for chunk in self._decoded.batch(256).as_numpy_iterator():
+      stop = start + len(chunk['label'])
+      if stop <= n:
+        for key, array in examples.items():
+          array[start:stop] = chunk[key]
+      start = stop
+    if start != n:
+      raise ValueError(f'{self._source}: the records hold {start} examples for this process, but the dataset '
+                       f'info says {n}; rebuild the dataset')
+    if self._keep_in_memory:
+      self._kept = examples
+    return examples
+
   def train_epoch(self, batch_size: int, epoch: int, seed: int, flip: bool = True,
                   contrast: float = 0.2) -> Iterator[Batch]:
-    """Shuffled, augmented full batches for one epoch; the same (seed, epoch) gives the same batches."""
+    """Shuffled, augmented full batches for one epoch; the same (seed, epoch) gives the same batches.
+
+    The order is a NumPy permutation, so no global seed (`tf.random.set_seed`,
+    `keras.utils.set_random_seed`) changes it, as it would a tf.data shuffle's.
+    """
     local = self._local_batch_size(batch_size)
-    shuffle_seed = int(np.random.default_rng([seed, epoch, jax.process_index()]).integers(2**31))
-    dataset = (self._decoded.shuffle(self.num_local_examples, seed=shuffle_seed, reshuffle_each_iteration=False)
-               .batch(local, drop_remainder=True).take(self.steps_per_epoch(batch_size))
-               .map(lambda b: {**b, 'mask': tf.ones_like(b['label'], tf.bool)})
-               .prefetch(tf.data.AUTOTUNE))
+    examples = self._examples()
+    order = np.random.default_rng([seed, epoch, jax.process_index()]).permutation(self.num_local_examples)
     epoch_key = jax.random.fold_in(jax.random.key(seed), epoch)
-    for step, batch in enumerate(self._to_global(dataset)):
+    for step in range(self.steps_per_epoch(batch_size)):
+      chosen = order[step * local:(step + 1) * local]
+      batch = self._to_global({**{k: v[chosen] for k, v in examples.items()}, 'mask': np.ones(local, bool)})
       key = jax.random.fold_in(epoch_key, step)
       image = augment(batch.pop('image'), batch.pop('channel_mean'), key, flip=flip, contrast=contrast)
       yield {'image': image, **batch}
@@ -139,15 +168,16 @@ class SplitReader:
   def eval_batches(self, batch_size: int) -> Iterator[Batch]:
     """Every example exactly once, in order; the last batch padded with zero images and mask=False."""
     local = self._local_batch_size(batch_size)
-    steps = -(-self._max_local_examples // local)
-    padding = steps * local - self.num_local_examples
-    real = self._decoded.map(lambda e: {'image': e['image'], 'label': e['label'], 'mask': True})
-    blank = {'image': tf.zeros((self.image_size, self.image_size, 3), tf.uint8), 'label': 0, 'mask': False}
-    dataset = real.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding)).batch(local).prefetch(2)
-    for batch in self._to_global(dataset):
+    examples = self._examples()
+    for start in range(0, self._max_local_examples, local):
+      batch = {'mask': np.arange(start, start + local) < self.num_local_examples}
+      for key in ('image', 'label'):
+        real = examples[key][start:start + local]
+        batch[key] = np.pad(real, [(0, local - len(real))] + [(0, 0)] * (real.ndim - 1))
+      batch = self._to_global(batch)
       yield {**batch, 'image': _to_float(batch['image'])}
 
-  def _to_global(self, dataset: tf.data.Dataset) -> Iterator[Batch]:
+  def _to_global(self, local_batch: dict[str, np.ndarray]) -> Batch:
+    """This process's part of a batch -> global arrays sharded over the mesh's 'data' axis."""
     sharding = NamedSharding(self.mesh, PartitionSpec('data'))
-    for batch in dataset.as_numpy_iterator():
-      yield {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

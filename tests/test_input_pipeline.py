@@ -90,6 +90,32 @@ def test_training_batches_replay_exactly_for_a_seed_and_epoch(built_dataset):
   assert np.asarray(first[0]['mask']).all()
 
 
+def test_an_epoch_draws_each_training_example_at_most_once(built_dataset):
+  data_dir, _ = built_dataset
+  reader = input_pipeline.SplitReader(data_dir, 'train', 32)
+  stored = {image.tobytes() for image in _eval_examples(reader, 16)[0]}
+  drawn = [image.tobytes() for batch in reader.train_epoch(16, 0, seed=0, flip=False, contrast=0.0)
+           for image in np.asarray(batch['image'])]
+  assert len(drawn) == reader.steps_per_epoch(16) * 16
+  assert len(set(drawn)) == len(drawn) and set(drawn) <= stored
+
+
+def test_training_order_ignores_tensorflow_and_keras_global_seeds(built_dataset):
+  data_dir, _ = built_dataset
+
+  def epoch_images() -> list[np.ndarray]:
+    reader = input_pipeline.SplitReader(data_dir, 'train', 32)
+    return [np.asarray(b['image']) for b in reader.train_epoch(16, 2, seed=5, flip=False, contrast=0.0)]
+
+  unseeded = epoch_images()
+  try:
+    tf.random.set_seed(1234)  # As keras.utils.set_random_seed does; a tf.data shuffle would then change order.
+    seeded = epoch_images()
+  finally:
+    tf.random.set_seed(None)
+  assert all(np.array_equal(a, b) for a, b in zip(unseeded, seeded, strict=True))
+
+
 def test_augmentation_is_keras_flip_and_contrast():
   source = np.random.default_rng(0).integers(0, 256, (64, 8, 8, 3)).astype(np.uint8)
   means = source.mean(axis=(1, 2), dtype=np.float32)
