@@ -409,12 +409,23 @@ class Trainer:
   def layer_order(self) -> list[str]:
     """The backbone's layers in Keras's `model.layers` order, in which the study counted its trailing layers.
 
-    Keras orders layers by depth in the graph, not by call order, so the order comes from the Keras model
-    itself (built without weights, on first use: only the fine-tune phase needs it).
+    Keras orders layers by depth in the graph, not by call order, so the order comes from the Keras model:
+    as recorded in the ported weights' `port_info.json`, or else from the model built without weights (on
+    first use: only the fine-tune phase needs it).
     """
-    from covid_jax.port import keras_models  # Imports Keras, which other runs do not need.
-    size = self.config.model.image_size
-    return keras_models.layer_order(self.config.model.name, (size, size, 3), **backbone_args(self.config))
+    order = store.load_layer_order(self.config.init_from) if self.config.init_from else None
+    if order is not None:
+      source = os.path.join(self.config.init_from, store.INFO_FILE)
+    else:
+      from covid_jax.port import keras_models  # Imports Keras, which other runs do not need.
+      size = self.config.model.image_size
+      order = keras_models.layer_order(self.config.model.name, (size, size, 3), **backbone_args(self.config))
+      source = 'the Keras model'
+    missing = sorted(set(self.outline.variables['params']['backbone']) - set(order))
+    if missing:
+      raise ValueError(f'The layer order in {source} lacks {len(missing)} of the {self.config.model.name} '
+                       f'backbone\'s layers with weights, e.g. {missing[:3]}: port the weights again')
+    return order
 
   def abstract_state(self, phase_index: int) -> dict[str, Any]:
     state = jax.eval_shape(lambda: self.new_state(self.outline.variables, phase_index))

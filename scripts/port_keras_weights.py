@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
   info = {
       'model': args.model,
       'overrides': args.overrides,
+      'layer_order': [layer.name for layer in model.layers],  # What the fine-tune phase counts trailing layers in.
       **source,
       'self_check': {'relative_error': error, 'tolerance': args.tolerance, 'seed': args.seed,
                      'batch': _CHECK_BATCH, 'image_size': models.get_spec(args.model).image_size},

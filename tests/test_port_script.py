@@ -41,6 +41,11 @@ def test_writes_a_checked_port(resnet_h5, tmp_path):
   assert result.returncode == 0, result.stderr
   info = json.loads((out / 'port_info.json').read_text())
   assert info['model'] == 'resnet50' and info['overrides'] == {}
+  # Keras's model.layers order; layers without weights (the input) are named per process, so compare the others.
+  keras_layers = keras_backbone('resnet50', (224, 224, 3)).layers
+  weighted = [layer.name for layer in keras_layers if layer.weights]
+  assert len(info['layer_order']) == len(keras_layers)
+  assert [name for name in info['layer_order'] if name in set(weighted)] == weighted
   assert info['source_sha256'] == hashlib.sha256(resnet_h5.read_bytes()).hexdigest()
   assert info['self_check']['relative_error'] <= info['self_check']['tolerance'] == 1e-4
   assert_same_variables(store.load_ported(str(out), 'resnet50'), port.from_h5(str(resnet_h5), 'resnet50'))

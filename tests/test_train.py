@@ -19,6 +19,7 @@ from sklearn import metrics as sk_metrics
 from configs import default, demo
 from covid_jax import train
 from covid_jax.models import depthwise
+from covid_jax.port import keras_models, store
 from covid_jax.port.keras_models import keras_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,6 +119,36 @@ def test_fine_tune_unfreezes_trailing_layers_counted_in_keras_order(built_datase
   assert set(jax.tree.leaves(labels['head'])) == {'train'}
   # The outline's head input is the pooled backbone output.
   assert trainer.outline.head_input.shape == (1, keras_model.output_shape[-1])
+
+
+def _ported_tiny_backbone(config: ml_collections.ConfigDict, directory: Path, layer_order: list[str]) -> None:
+  """Writes the tiny model's backbone as ported weights whose port_info.json records `layer_order`."""
+  outline = train.model_outline(train.create_model(config), config).variables
+  variables = {col: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree['backbone'])
+               for col, tree in outline.items()}
+  store.save_ported(str(directory), variables, {'model': config.model.name, 'layer_order': layer_order})
+
+
+def test_fine_tune_takes_the_layer_order_the_port_recorded(built_dataset, tmp_path, monkeypatch):
+  """With ported weights, the trailing layers are counted in port_info.json's order; Keras is not built."""
+  data_dir, _ = built_dataset
+  keras_order = keras_backbone('nasnet', (32, 32, 3), **train.backbone_args(tiny_config(data_dir)), seed=None).layers
+  recorded = [layer.name for layer in keras_order][::-1]  # Any order the port wrote is the one used.
+  config = tiny_config(data_dir, init_from=str(tmp_path / 'ported'), freeze_backbone=True,
+                       **{'fine_tune.num_epochs': 1, 'fine_tune.unfreeze_layers': 3})
+  _ported_tiny_backbone(config, tmp_path / 'ported', recorded)
+  monkeypatch.setattr(keras_models, 'layer_order', lambda *a, **k: pytest.fail('built the Keras model'))
+  trainer = train.Trainer(config, str(tmp_path / 'run'))
+  assert trainer.layer_order == recorded
+  params, stats = trainer.outline.variables['params'], trainer.outline.variables['batch_stats']
+  labels = train.param_labels(params, stats, trainer.layer_order, trainer.phases[1], 3)
+  unfrozen = {layer for layer, tree in labels['backbone'].items() if set(jax.tree.leaves(tree)) == {'train'}}
+  weighted = [name for name in recorded if name in params['backbone'] and name not in stats['backbone']]
+  assert unfrozen == set(weighted[-3:])
+
+  _ported_tiny_backbone(config, tmp_path / 'ported', [name for name in recorded if name != 'stem_conv1'])
+  with pytest.raises(ValueError, match=r"port_info.json lacks 1 of the nasnet backbone's layers.*stem_conv1"):
+    _ = train.Trainer(config, str(tmp_path / 'run')).layer_order
 
 
 @pytest.mark.parametrize('values,patience,min_delta,stop_epoch,best_epoch', [

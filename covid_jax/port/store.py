@@ -1,7 +1,10 @@
 """Ported backbone weights on disk: an Orbax checkpoint of the variables plus `port_info.json`.
 
 The port script writes them once per backbone; training restores them with
-`load_ported`, which is as strict about every leaf as the port itself.
+`load_ported`, which is as strict about every leaf as the port itself. The
+JSON also holds the Keras model's layer order (`layer_order`), which the study's
+fine-tune phase counts its trailing layers in, so training need not build the
+Keras model to learn it.
 """
 
 import json
@@ -46,3 +49,9 @@ def load_ported(directory: str, name: str, **overrides: Any) -> port.Variables:
     stored = checkpointer.metadata(path).item_metadata.tree
     port.check_matches(stored, want, source=f'ported checkpoint {path}')
     return checkpointer.restore(path, want)
+
+
+def load_layer_order(directory: str) -> list[str] | None:
+  """The Keras `model.layers` names `port_info.json` in `directory` records, or None if it predates them."""
+  with open(os.path.join(os.path.abspath(directory), INFO_FILE)) as f:
+    return json.load(f).get('layer_order')
