@@ -33,6 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
       # Depthwise-convolution formulation: auto (by backend) | shifted (fast on CPU) | grouped
       # (fast on GPU/TPU; on CPU its gradients compile ~5x faster, which suits tiny test runs).
       'depthwise_impl': config_dict.placeholder(str),
+      # Recompute each cell's activations in the backward pass instead of storing them: a full
+      # fine-tune then needs far less memory, for about a third more compute per step.
+      'remat': config_dict.placeholder(bool),
   })
   # Backbone BatchNorm momentum; None keeps Keras's (ResNet50 0.99, NASNet 0.9997). Training a
   # backbone from scratch for a few hundred steps needs a faster one: at 0.9997 the moving

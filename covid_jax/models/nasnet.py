@@ -183,7 +183,8 @@ class NASNet(_Layers):
   `scan_cells`, the normal cells of a block from the second on run as one
   `lax.scan` over their stacked variables, so XLA compiles that cell once per
   block instead of once per cell; the variables keep their Keras names and
-  values either way.
+  values either way. With `remat`, every cell is recomputed in the backward
+  pass instead of keeping its activations: far less memory, the same values.
   """
 
   penultimate_filters: int = 4032
@@ -192,6 +193,7 @@ class NASNet(_Layers):
   skip_reduction: bool = True
   filter_multiplier: int = 2
   scan_cells: bool = True
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -200,7 +202,13 @@ class NASNet(_Layers):
       raise ValueError(f'penultimate_filters must be a multiple of 24 * filter_multiplier**2 = {24 * fm**2}, '
                        f'got {self.penultimate_filters}')
     filters = self.penultimate_filters // 24
-    cell = functools.partial(self._cell, train=train)
+    if self.remat:  # Static: the cell's table, filters, block id and mode.
+      rematted = nn.remat(_Layers._cell, static_argnums=(1, 4, 5, 6))
+
+      def cell(*args):
+        return rematted(self, *args, train)
+    else:
+      cell = functools.partial(self._cell, train=train)
 
     x = nn.Conv(self.stem_block_filters, (3, 3), (2, 2), padding='VALID', use_bias=False, dtype=self.dtype,
                 kernel_init=_HE_NORMAL, name='stem_conv1')(x)
@@ -253,6 +261,8 @@ class NASNet(_Layers):
       carry, updates = template.apply(variables, *carry, train=True, mutable=['batch_stats'])
       return carry, updates['batch_stats']
 
+    if self.remat:
+      step = jax.checkpoint(step, prevent_cse=False)  # Inside a scan, CSE cannot defeat the recomputation.
     (x, p), stats = jax.lax.scan(step, (ip, p), stacked)
     if train:
       for k, cell_id in enumerate(ids):
