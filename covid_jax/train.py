@@ -1,13 +1,15 @@
 """Training and evaluation: train state, data-parallel steps, the epoch loop, early stopping.
 
-The steps are per-device code with the axis name 'data' (gradients, BatchNorm
-statistics and metrics are `lax.pmean`-ed), mapped with `jax.shard_map` over the
-1-D data mesh inside `jax.jit`. A run has one or two phases: with
+The gradient step is per-device code with the axis name 'data' (gradients,
+BatchNorm statistics and metrics are `lax.pmean`-ed), mapped with `jax.shard_map`
+over the 1-D data mesh inside `jax.jit`; the optimiser update is a second jitted
+program (`TrainStep`). A run has one or two phases: with
 `freeze_backbone`, phase 'head' trains the head on a frozen backbone and phase
 'fine_tune' then unfreezes the trailing backbone layers; otherwise one phase
 'train' trains everything. Each phase has its own optimiser and cosine schedule.
 """
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -24,6 +26,7 @@ import numpy as np
 import optax
 import tensorflow as tf
 from absl import logging
+from flax import struct, traverse_util
 from flax.training import train_state
 from jax import lax
 from jax.experimental import multihost_utils
@@ -45,6 +48,9 @@ _NASNET_NAMES = ('nasnet', 'nasnet_large', 'nasnet_mobile')
 
 class TrainState(train_state.TrainState):
   batch_stats: Any
+  # Paths of the parameters the optimiser trains, such as ('head', 'dense_1', 'kernel'): the gradient
+  # program differentiates only these. Static, so it is part of the compiled programs' signature.
+  trainable: frozenset[tuple[str, ...]] = struct.field(pytree_node=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,11 +243,12 @@ def make_state(model: nn.Module, config: ml_collections.ConfigDict, variables: d
   `layer_order` (the backbone's layers in Keras's order, `keras_models.layer_order`) matters only to the
   fine-tune phase, which unfreezes trailing layers.
   """
-  labels = param_labels(variables['params'], variables['batch_stats'], layer_order, phase,
-                        config.fine_tune.unfreeze_layers)
+  batch_stats = variables.get('batch_stats', {})  # Absent without BatchNorm (VGG16 under a head without BN).
+  labels = param_labels(variables['params'], batch_stats, layer_order, phase, config.fine_tune.unfreeze_layers)
   tx = make_optimizer(config, make_schedule(phase, steps_per_epoch), labels)
+  trainable = frozenset(path for path, label in traverse_util.flatten_dict(labels).items() if label == 'train')
   return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                           batch_stats=variables['batch_stats'])
+                           batch_stats=batch_stats, trainable=trainable)
 
 
 def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
@@ -250,25 +257,71 @@ def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: floa
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], dropout_key: jax.Array, *, phase: Phase,
-               label_smoothing: float, l1: float, l2: float) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimiser step, written per device: gradients, BN statistics and metrics are pmean-ed over 'data'."""
+def train_gradients(state: TrainState, batch: dict[str, jax.Array], dropout_key: jax.Array, *, phase: Phase,
+                    label_smoothing: float, l1: float, l2: float
+                    ) -> tuple[dict[tuple[str, ...], jax.Array], Any, dict[str, jax.Array]]:
+  """Per device: the trainable parameters' gradients (keyed by path), new BN statistics and metrics, pmean-ed."""
   dropout_key = jax.random.fold_in(dropout_key, lax.axis_index(AXIS))
+  params = traverse_util.flatten_dict(state.params)
 
-  def loss_fn(params):
+  def loss_fn(trainable):
     logits, updates = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
-        backbone_train=phase.trainable == 'all', frozen_backbone=phase.trainable == 'head',
-        rngs={'dropout': dropout_key}, mutable=['batch_stats'])
+        {'params': traverse_util.unflatten_dict({**params, **trainable}), 'batch_stats': state.batch_stats},
+        batch['image'], train=True, backbone_train=phase.trainable == 'all',
+        frozen_backbone=phase.trainable == 'head', rngs={'dropout': dropout_key}, mutable=['batch_stats'])
     loss = smoothed_cross_entropy(logits, batch['label'], label_smoothing).mean()
-    kernel = params['head'][FIRST_DENSE]['kernel']
+    kernel = trainable[('head', FIRST_DENSE, 'kernel')]
     penalty = l1 * jnp.abs(kernel).sum() + l2 * jnp.square(kernel).sum()
-    return loss + penalty, (loss, logits, updates['batch_stats'])
+    return loss + penalty, (loss, logits, updates.get('batch_stats', {}))
 
-  (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=lax.pmean(grads, AXIS), batch_stats=lax.pmean(batch_stats, AXIS))
+  trainable = {path: params[path] for path in state.trainable}
+  (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
-  return state, {'loss': lax.pmean(loss, AXIS), 'accuracy': lax.pmean(accuracy, AXIS)}
+  scores = {'loss': lax.pmean(loss, AXIS), 'accuracy': lax.pmean(accuracy, AXIS)}
+  return lax.pmean(grads, AXIS), lax.pmean(batch_stats, AXIS), scores
+
+
+def apply_update(state: TrainState, grads: dict[tuple[str, ...], jax.Array], batch_stats: Any) -> TrainState:
+  """The optimiser step. Frozen parameters get zero gradients, which their `set_to_zero` never reads."""
+  params = traverse_util.flatten_dict(state.params)
+  grads = traverse_util.unflatten_dict({path: grads[path] if path in grads else jnp.zeros_like(value)
+                                        for path, value in params.items()})
+  return state.apply_gradients(grads=grads, batch_stats=batch_stats)
+
+
+class TrainStep:
+  """One optimiser step, `(state, batch, dropout_key) -> (state, scores)`, run as two programs.
+
+  XLA compiles a program on about one core. The gradients (forward and backward
+  pass) and the optimiser's update are separate programs, compiled side by side
+  on the first call: NASNetLarge's full fine-tune on a 2-core CPU reached its
+  first step 6-12 s sooner than as one program, with bit-identical values and
+  the same step time (BENCHMARKS.md). The state is donated to the update.
+  """
+
+  def __init__(self, gradients: Callable, replicated: jax.sharding.Sharding):
+    """`gradients`: `train_gradients` mapped over the mesh; `replicated`: the state's sharding."""
+    self._gradients = jax.jit(gradients)
+    self._update = jax.jit(apply_update, in_shardings=replicated, out_shardings=replicated, donate_argnums=0)
+    self._compiled = None
+
+  def compile(self, state: TrainState, batch: dict[str, Any], dropout_key: Any) -> None:
+    """Compiles both programs for these arguments (arrays, or `jax.ShapeDtypeStruct`s): the update on a
+    second thread while the gradients are traced and compiled on this one."""
+    params = traverse_util.flatten_dict(state.params)
+    grads = {path: jax.ShapeDtypeStruct(params[path].shape, params[path].dtype) for path in state.trainable}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      update = pool.submit(lambda: self._update.trace(state, grads, state.batch_stats).lower().compile())
+      gradients = self._gradients.trace(state, batch, dropout_key).lower().compile()
+      self._compiled = gradients, update.result()
+
+  def __call__(self, state: TrainState, batch: dict[str, jax.Array],
+               dropout_key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    if self._compiled is None:
+      self.compile(state, batch, dropout_key)
+    gradients, update = self._compiled
+    grads, batch_stats, scores = gradients(state, batch, dropout_key)
+    return update(state, grads, batch_stats), scores
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> jax.Array:
@@ -277,17 +330,17 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> jax.Array:
 
 
 def compile_steps(mesh: jax.sharding.Mesh, phase: Phase, config: ml_collections.ConfigDict
-                  ) -> tuple[Callable, Callable]:
-  """(train_step, eval_step) mapped over the mesh and jitted; the train state is donated."""
-  train = functools.partial(train_step, phase=phase, label_smoothing=config.label_smoothing,
-                            l1=config.model.head.l1, l2=config.model.head.l2)
+                  ) -> tuple[TrainStep, Callable]:
+  """(train step, eval step) over the mesh, compiled on first call."""
+  gradients = functools.partial(train_gradients, phase=phase, label_smoothing=config.label_smoothing,
+                                l1=config.model.head.l1, l2=config.model.head.l2)
   # check_vma=False gives pmap's semantics: gradients inside the body are local to the device and
   # are averaged explicitly with pmean (with vma checking, the gradient of a replicated parameter
   # would already be summed over devices).
   mapped = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
-  train = jax.jit(mapped(train, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P())), donate_argnums=0)
+  gradients = mapped(gradients, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P(), P()))
   evaluate = jax.jit(mapped(eval_step, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)))
-  return train, evaluate
+  return TrainStep(gradients, jax.sharding.NamedSharding(mesh, P())), evaluate
 
 
 @dataclasses.dataclass

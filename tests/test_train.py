@@ -14,11 +14,13 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import traverse_util
 from sklearn import metrics as sk_metrics
 
 from configs import default, demo
 from covid_jax import train
 from covid_jax.models import depthwise
+from covid_jax.models.head import FIRST_DENSE
 from covid_jax.port import keras_models, store
 from covid_jax.port.keras_models import keras_backbone
 
@@ -119,6 +121,51 @@ def test_fine_tune_unfreezes_trailing_layers_counted_in_keras_order(built_datase
   assert set(jax.tree.leaves(labels['head'])) == {'train'}
   # The outline's head input is the pooled backbone output.
   assert trainer.outline.head_input.shape == (1, keras_model.output_shape[-1])
+
+
+def test_train_step_is_one_sgd_step_on_the_trainable_parameters(built_dataset, tmp_path):
+  """The step (a gradient program, then an update program) against SGD's first step written out here.
+
+  The fine-tune phase, with 3 trailing VGG16 layers unfrozen: the trainable parameters move by -lr g (the
+  momentum starts at zero), g the gradient of the loss written below; every other parameter stays as it was.
+  """
+  data_dir, _ = built_dataset
+  config = default.get_config()
+  config.data_dir, config.model.name, config.model.image_size = str(data_dir), 'vgg16', 32
+  # A large step, so that the parameters' rounding hides no part of it.
+  config.update_from_flattened_dict({'batch_size': 8, 'optimizer': 'sgd', 'fine_tune.learning_rate': 1.0,
+                                     'fine_tune.unfreeze_layers': 3, 'model.head.dropout': 0.0,
+                                     'model.head.batch_norm': False, 'model.head.l1': 1e-3, 'model.head.l2': 1e-2})
+  trainer = train.Trainer(config, str(tmp_path))
+  variables = train.initial_variables(trainer.model, config, outline=trainer.outline)
+  phase = trainer.phases[1]
+  state = train._replicate(trainer.new_state(variables, 1), trainer.mesh)
+  batch = next(trainer.readers['train'].train_epoch(8, 1, 0, flip=False, contrast=0.0))
+  images, labels = np.asarray(batch['image']), np.asarray(batch['label'])
+
+  def loss(params):
+    logits, _ = trainer.model.apply({'params': params}, images, train=True,  # No BatchNorm anywhere.
+                                    backbone_train=False, frozen_backbone=False, mutable=['batch_stats'])
+    smoothing = config.label_smoothing
+    targets = jax.nn.one_hot(labels, 2) * (1 - smoothing) + smoothing / 2
+    kernel = params['head'][FIRST_DENSE]['kernel']
+    return (-(targets * jax.nn.log_softmax(logits)).sum(-1).mean()
+            + config.model.head.l1 * jnp.abs(kernel).sum() + config.model.head.l2 * jnp.square(kernel).sum())
+
+  grads = jax.jit(jax.grad(loss))(variables['params'])
+  lr = float(train.make_schedule(phase, trainer.steps_per_epoch)(0))
+  flat = lambda tree: {'/'.join(path): np.array(leaf) for path, leaf in traverse_util.flatten_dict(tree).items()}
+  before, gradient = flat(variables['params']), flat(grads)  # Copied: the step donates the state's arrays.
+  train_fn, _ = train.compile_steps(trainer.mesh, phase, config)
+  after = flat(train_fn(state, batch, jax.random.key(0))[0].params)
+  unfrozen = {'block5_conv1', 'block5_conv2', 'block5_conv3'}
+  trainable = {path for path in before if path.startswith('head/') or path.split('/')[1] in unfrozen}
+  for path in before.keys() - trainable:
+    np.testing.assert_array_equal(after[path], before[path], err_msg=path)
+  for path in trainable:
+    np.testing.assert_allclose(after[path], before[path] - lr * gradient[path], rtol=1e-5,
+                               atol=1e-5 * lr * np.abs(gradient[path]).max(), err_msg=path)
+  assert sum(not np.array_equal(after[path], before[path]) for path in trainable) > len(trainable) / 2
 
 
 def _ported_tiny_backbone(config: ml_collections.ConfigDict, directory: Path, layer_order: list[str]) -> None:
@@ -327,7 +374,8 @@ def test_one_and_two_devices_agree_and_steps_go_to_the_compilation_cache(built_d
   for devices, extra, env_changes in ((1, [f'--config.compilation_cache_dir={cache}'], own_cache), (2, [], None)):
     result = _main(tmp_path / str(devices), *overrides, *extra, devices=devices, env_changes=env_changes)
     assert result.returncode == 0, result.stderr[-3000:]
-  assert list(cache.glob('jit_train_step-*')) and list(cache.glob('jit_eval_step-*'))
+  for program in ('train_gradients', 'apply_update', 'eval_step'):
+    assert list(cache.glob(f'jit_{program}-*')), program
   one, two = (_history(tmp_path / str(d)) for d in (1, 2))
   for a, b in zip(one, two):
     for key in ('train_loss', 'val_loss', 'val_accuracy'):
