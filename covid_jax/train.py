@@ -296,7 +296,9 @@ class TrainStep:
   pass) and the optimiser's update are separate programs, compiled side by side
   on the first call: NASNetLarge's full fine-tune on a 2-core CPU reached its
   first step 6-12 s sooner than as one program, with bit-identical values and
-  the same step time (BENCHMARKS.md). The state is donated to the update.
+  the same step time (BENCHMARKS.md). They are compiled once, for the first
+  call's shapes, which every train batch of a phase shares. The state is
+  donated to the update.
   """
 
   def __init__(self, gradients: Callable, replicated: jax.sharding.Sharding):
