@@ -8,9 +8,9 @@ shapes and the head's input), the initial variables (random, or with a given
 backbone as from ported weights: --given_backbone uses zeros of the right
 shapes, which compile and run as ported values do), the train state, and the
 train step's two programs (gradients, update): traced, lowered and compiled by
-XLA, side by side, as `train.TrainStep` does on its first call. The train step is the full
-fine-tune (every layer trainable), unless --freeze_backbone (the study's first
-phase). No persistent compilation cache is used, unless --compilation_cache
+XLA, side by side, as `train.TrainStep` does on its first call. The train step
+is the full fine-tune (every layer trainable), unless --freeze_backbone (the
+study's first phase). No persistent compilation cache is used, unless --compilation_cache
 names one (as covid_jax.main's `compilation_cache_dir` does): run twice to time
 a re-run, whose compilation is a load from the cache.
 
