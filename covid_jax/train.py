@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from covid_jax import checkpoints, input_pipeline, metrics, models, reporting
+from covid_jax import checkpoints, input_pipeline, metrics, models, python_gc, reporting
 from covid_jax.models.classifier import Classifier
 from covid_jax.models.head import FIRST_DENSE, Head
 from covid_jax.port import store
@@ -136,6 +136,7 @@ def _dummy_images(config: ml_collections.ConfigDict) -> jax.Array:
 _RUN_ONCE_CPU_OPTIONS = {'xla_backend_optimization_level': 1}
 
 
+@python_gc.full_collections_deferred()
 def compile_and_run_once(fn: Callable[[], Any]) -> Any:
   """`jax.jit(fn)()` for code that runs once, such as an init: compiled for compile time (see above)."""
   options = _RUN_ONCE_CPU_OPTIONS if jax.default_backend() == 'cpu' else None
@@ -155,6 +156,7 @@ class ModelOutline:
   head_input: jax.ShapeDtypeStruct  # The pooled features, for initialising the head alone.
 
 
+@python_gc.full_collections_deferred()
 def model_outline(model: Classifier, config: ml_collections.ConfigDict) -> ModelOutline:
   """Variable shapes and the head's input shape, from one `jax.eval_shape` of the init."""
   head_inputs: list[jax.ShapeDtypeStruct] = []
@@ -307,6 +309,7 @@ class TrainStep:
     self._update = jax.jit(apply_update, in_shardings=replicated, out_shardings=replicated, donate_argnums=0)
     self._compiled = None
 
+  @python_gc.full_collections_deferred()
   def compile(self, state: TrainState, batch: dict[str, Any], dropout_key: Any) -> None:
     """Compiles both programs for these arguments (arrays, or `jax.ShapeDtypeStruct`s): the update on a
     second thread while the gradients are traced and compiled on this one."""

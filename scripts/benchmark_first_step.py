@@ -16,10 +16,13 @@ a re-run, whose compilation is a load from the cache.
 
 The process keeps freed host memory as covid_jax.main does, unless
 --retain_freed_host_memory false: its one malloc arena slows XLA's compiler
-threads (BENCHMARKS.md).
+threads (BENCHMARKS.md). It also reports the seconds that Python's garbage
+collector took within those steps, and how many of its collections were full
+ones (covid_jax/python_gc.py holds those back while the model is traced).
 """
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -34,6 +37,21 @@ import jax.numpy as jnp  # noqa: E402
 
 from configs import default  # noqa: E402
 from covid_jax import host_memory, input_pipeline, train  # noqa: E402
+
+
+class GarbageCollectionClock:
+  """Seconds spent in Python's garbage collector, and the number of full collections, while installed."""
+
+  def __init__(self):
+    self.seconds, self.full_collections, self._started = 0.0, 0, 0.0
+    gc.callbacks.append(self._record)
+
+  def _record(self, phase: str, info: dict) -> None:
+    if phase == 'start':
+      self._started = time.perf_counter()
+    else:
+      self.seconds += time.perf_counter() - self._started
+      self.full_collections += info['generation'] == 2
 
 
 def main() -> None:
@@ -59,6 +77,7 @@ def main() -> None:
   mesh = input_pipeline.data_mesh()
   model = train.create_model(config)
   seconds = {}
+  collector = GarbageCollectionClock()
 
   start = time.perf_counter()
   outline = train.model_outline(model, config)
@@ -89,6 +108,8 @@ def main() -> None:
   print(f'{args.model}@{args.image_size} batch {args.batch_size}, phase {phase.name} ({phase.trainable} trainable), '
         f'{"given" if args.given_backbone else "random"} backbone:')
   print(', '.join(f'{name} {s:.1f} s' for name, s in seconds.items()) + f'; total {sum(seconds.values()):.1f} s')
+  print(f'Python garbage collection within them: {collector.seconds:.2f} s, '
+        f'{collector.full_collections} full collections')
 
 
 if __name__ == '__main__':

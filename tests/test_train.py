@@ -1,9 +1,12 @@
 """The training system on a tiny fixture: it learns, freezes, stops, resumes, scales and reports honestly."""
 
+import contextlib
+import gc
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import flax.linen as nn
@@ -317,6 +320,54 @@ def test_run_once_compilation_draws_what_the_default_compilation_draws():
   def init():
     return module.init(jax.random.key(3), jnp.zeros((1, 16, 16, 32)))
   jax.tree.map(np.testing.assert_array_equal, train.compile_and_run_once(init), jax.jit(init)())
+
+
+@contextlib.contextmanager
+def _full_collections() -> Iterator[list[int]]:
+  """Counts full garbage collections in the block, with the collector set to start them early.
+
+  The process's objects are frozen first, so generation 2 starts empty and CPython's rule (a full
+  collection once the survivors since the last one reach a quarter of generation 2) can fire.
+  """
+  gc.collect()
+  gc.freeze()
+  gc.collect()
+  threshold = gc.get_threshold()
+  gc.set_threshold(100, 1, 1)
+  full: list[int] = []
+  count = lambda phase, info: phase == 'stop' and info['generation'] == 2 and full.append(1)
+  gc.callbacks.append(count)
+  try:
+    yield full
+  finally:
+    gc.callbacks.remove(count)
+    gc.set_threshold(*threshold)
+    gc.unfreeze()
+
+
+def test_tracing_a_model_starts_no_full_garbage_collection(built_dataset, tmp_path):
+  """The model's outline and the train step's compilation hold full collections back (covid_jax/python_gc.py);
+  the same functions undecorated start them under the same collector settings."""
+  data_dir, _ = built_dataset
+  config = tiny_config(data_dir)
+  trainer = train.Trainer(config, str(tmp_path))
+  variables = train.initial_variables(trainer.model, config, outline=trainer.outline)
+  state = train._replicate(trainer.new_state(variables, 0), trainer.mesh)
+  batch = next(trainer.readers['train'].train_epoch(config.batch_size, 1, 0, flip=False, contrast=0.0))
+  traced = {
+      'outline': lambda outline: outline(trainer.model, config),
+      # A new step each time, so that nothing of the previous trace is reused.
+      'train step': lambda compile: compile(train.compile_steps(trainer.mesh, trainer.phases[0], config)[0],
+                                            state, batch, jax.random.key(0)),
+  }
+  undecorated = {'outline': train.model_outline.__wrapped__, 'train step': train.TrainStep.compile.__wrapped__}
+  decorated = {'outline': train.model_outline, 'train step': train.TrainStep.compile}
+  for name, trace in traced.items():
+    with _full_collections() as without_deferral:
+      trace(undecorated[name])
+    with _full_collections() as with_deferral:
+      trace(decorated[name])
+    assert without_deferral and not with_deferral, (name, len(without_deferral), len(with_deferral))
 
 
 def test_given_backbone_replaces_the_random_one_and_leaves_the_head_as_drawn(tmp_path):
