@@ -2,13 +2,14 @@
 
 After TensorFlow, JAX and Flax are imported the process holds millions of
 Python objects, and tracing a model's train step creates millions more.
-CPython runs a full (generation 2) collection, which walks every object,
-whenever ten young collections have passed and the heap has grown by a
-quarter: tracing NASNetLarge's train step set off eight of them, 3.1 s in all,
-on the thread that traces, on the way to the first step (BENCHMARKS.md). Held
-back, nothing is lost: young collections still run, reference counting frees
-acyclic garbage at once, and cycles that reached generation 2 wait for the next
-full collection after the block.
+CPython (3.11, which the project runs) starts a full (generation 2)
+collection, which walks every object, once ten generation-1 collections have
+passed and the survivors since the last full one reach a quarter of
+generation 2: tracing NASNetLarge's train step set off eight of them, about
+3 s in all, on the thread that traces, on the way to the first step
+(BENCHMARKS.md). Held back, nothing is lost: young collections still run,
+reference counting frees acyclic garbage at once, and cycles that reached
+generation 2 wait for the first full collection after the block.
 """
 
 import contextlib
