@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -112,8 +113,10 @@ def test_first_step_script_times_every_stage_and_sums_them():
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   out = subprocess.run([sys.executable, str(_SCRIPTS / 'benchmark_first_step.py'), '--model', 'vgg16', '--image_size',
                         '32', '--batch_size', '2', '--given_backbone'], check=True, capture_output=True, text=True,
-                       env=env).stdout.strip().splitlines()[-1]
-  stages, total = out.split('; total ')
+                       env=env).stdout.strip().splitlines()
+  stages, total = out[-2].split('; total ')
   seconds = dict(part.rsplit(' ', 2)[:2] for part in stages.split(', '))
   assert list(seconds) == ['outline', 'initial variables', 'train state', 'train step']
   assert float(total.removesuffix(' s')) == pytest.approx(sum(map(float, seconds.values())), abs=0.35)
+  collector = re.fullmatch(r'Python garbage collection within them: ([\d.]+) s, (\d+) full collections', out[-1])
+  assert collector and float(collector[1]) < float(total.removesuffix(' s')), out[-1]
