@@ -127,13 +127,25 @@ class CovidJax:
   def flops(self, batch_size: int) -> float:
     """XLA's FLOP count of the forward pass (the eval step) on one batch.
 
-    Counted on the lowered program, before the backend compiles it: XLA:GPU's compiled
-    cost analysis leaves out the convolutions it hands to cuDNN.
+    Counted on the program lowered for the host's CPU, before any backend compiles it: XLA:GPU
+    gives no cost analysis of a lowered program, and its compiled one leaves out the convolutions
+    it hands to cuDNN. The program is still the one traced for the default backend (each op's
+    formulation is chosen at trace time).
     """
+    jax, P = self.jax, self.jax.sharding.PartitionSpec
+    mesh = jax.make_mesh((1,), (self.train.AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices('cpu')[:1])
     phase = self._phase('inference')
-    _, eval_fn = self.train.compile_steps(self.mesh, phase, self.config)
-    batch = self._batch_on_devices(images_and_labels(batch_size, self.config.model.image_size))
-    return float(eval_fn.lower(self._state(phase), batch).cost_analysis()['flops'])
+    _, eval_fn = self.train.compile_steps(mesh, phase, self.config)
+
+    def abstract(tree, spec):
+      sharding = jax.sharding.NamedSharding(mesh, spec)
+      return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                          jax.eval_shape(lambda: tree))
+    state = self.train.make_state(self.model, self.config, self.variables, phase, [], steps_per_epoch=1000)
+    images, labels = images_and_labels(batch_size, self.config.model.image_size)
+    batch = abstract({'image': images, 'label': labels}, P(self.train.AXIS))
+    return float(eval_fn.trace(abstract(state, P()), batch).lower().cost_analysis()['flops'])
 
   def ceilings(self) -> dict[str, float]:
     return _jax_ceilings(self.config.dtype)
