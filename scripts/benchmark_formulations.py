@@ -17,8 +17,8 @@ timed forward and forward + backward (gradients of the input and the kernel), th
 median of --repeats; the formulations take turns. They must agree at HIGHEST
 precision, relative to the largest value, to 1e-4 in float32 and 1e-1 in
 bfloat16 (8 bits: a formulation that accumulates in it is off by a few percent, a
-wrong one by far more). Max pools are compared in float32: bfloat16 inputs tie
-within a window, and each formulation may route a tie's gradient its own way.
+wrong one by far more). Max pools are compared in float32 on inputs with no two
+values equal: at a tie each formulation may route the gradient its own way.
 Prints a Markdown table that marks the formulation the models choose here and the
 faster one; --json writes the rows.
 """
@@ -98,12 +98,24 @@ def relative_error(a: Sequence[jax.Array], b: Sequence[jax.Array]) -> float:
              for u, v in zip(a, b))
 
 
+def distinct_values(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """float32 values in random order, no two equal: consecutive bit patterns from 1.0 up (below 2**31).
+
+  Max pooling's gradient is ambiguous at a tie (each formulation may route it its own way), and
+  25 million float32 normals held a tie within one window on a GPU.
+  """
+  count = int(np.prod(shape))
+  bits = jax.random.permutation(key, count).astype(jnp.int32) + np.int32(0x3F800000)
+  return lax.bitcast_convert_type(bits, jnp.float32).reshape(shape)
+
+
 def measure_case(op: str, where: str, shapes: tuple, formulations: dict[str, Callable], chosen: str, dtype: str,
                  repeats: int) -> list[dict]:
   """Both formulations of one case: agreement, then forward and forward+backward times, taking turns."""
   x_shape, kernel_shape, y_shape = shapes
   keys = jax.random.split(jax.random.key(0), 3)
-  inputs = (jax.random.normal(keys[0], x_shape), jax.random.normal(keys[1], kernel_shape) /
+  x = distinct_values(keys[0], x_shape) if op == 'max pool' else jax.random.normal(keys[0], x_shape)
+  inputs = (x, jax.random.normal(keys[1], kernel_shape) /
             np.sqrt(np.prod(kernel_shape[:-1])), jax.random.normal(keys[2], y_shape))
   x, kernel, g = (a.astype(dtype) for a in inputs)
   checked = [a.astype('float32' if op == 'max pool' else dtype) for a in inputs]

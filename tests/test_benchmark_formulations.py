@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 from jax import lax
 
@@ -23,6 +25,15 @@ def test_times_both_formulations_of_every_case():
     assert sum(r['chosen'] for r in pair) == 1 and sum(r['fastest'] for r in pair) == 1
     assert all(r['forward_ms'] > 0 and r['forward_backward_ms'] > 0 for r in pair)
     assert pair[0]['error'] == 0.0  # Max pooling selects inputs: both formulations agree exactly.
+
+
+def test_max_pool_inputs_hold_no_ties_and_are_shuffled():
+  values = np.asarray(benchmark_formulations.distinct_values(jax.random.key(0), (4, 30, 30, 3)))
+  assert values.dtype == np.float32 and values.shape == (4, 30, 30, 3)
+  assert np.unique(values).size == values.size
+  assert np.isfinite(values).all() and values.min() == 1.0
+  flat = values.ravel()
+  assert not (np.all(np.diff(flat) > 0) or np.all(np.diff(flat) < 0))
 
 
 def test_a_formulation_that_computes_something_else_fails(monkeypatch):
