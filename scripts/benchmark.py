@@ -36,6 +36,10 @@ beside the others in the same Markdown file:
 
   python scripts/benchmark.py --frameworks covid_jax,keras_jax --dtype bfloat16 \
       --section 'GPU bfloat16' --json benchmarks_gpu_bfloat16.json
+
+covid_jax runs as covid_jax.main does by default, keeping freed host memory in one
+malloc arena; --retain_freed_host_memory false times it as
+--config.retain_freed_host_memory=False runs it (the README's advice on a GPU).
 """
 
 import argparse
@@ -71,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help=f'comma-separated subset of {",".join(benchmark_worker.FRAMEWORKS)}')
   parser.add_argument('--repeats', type=int, default=5, help='timed rounds per cell')
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
+  parser.add_argument('--retain_freed_host_memory', choices=('true', 'false'), default='true',
+                      help="covid_jax's config.retain_freed_host_memory (one malloc arena that keeps freed memory; "
+                           "covid_jax.main's default: true)")
   parser.add_argument('--pipeline_images', type=int, default=1000,
                       help='synthetic images for the input-pipeline measurement (0 skips it)')
   parser.add_argument('--markdown', default=str(_REPO / 'BENCHMARKS.md'), help='Markdown file to update')
@@ -99,11 +106,13 @@ def _backbone(text: str) -> tuple[str, int]:
 class Worker:
   """One framework's process, spoken to one JSON line at a time."""
 
-  def __init__(self, framework: str, backbone: str, image_size: int, weights: str, dtype: str):
+  def __init__(self, framework: str, backbone: str, image_size: int, weights: str, dtype: str,
+               retain_freed_host_memory: str):
     self.framework = framework
     self.process = subprocess.Popen(
         [sys.executable, str(_WORKER), '--framework', framework, '--backbone', backbone, '--image_size',
-         str(image_size), '--weights', weights, '--dtype', dtype],
+         str(image_size), '--weights', weights, '--dtype', dtype,
+         '--retain_freed_host_memory', retain_freed_host_memory],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_worker_env(framework), cwd=_REPO)
     self._read()  # {"ready": true}
 
@@ -156,7 +165,8 @@ def measure_backbone(backbone: str, image_size: int, args: argparse.Namespace, w
 
   Fills `ceilings` (framework -> GFLOP/s) when it is empty.
   """
-  workers = [Worker(f, backbone, image_size, weights, args.dtype) for f in args.frameworks]
+  workers = [Worker(f, backbone, image_size, weights, args.dtype, args.retain_freed_host_memory)
+             for f in args.frameworks]
   try:
     if not ceilings:
       ceilings.update({w.framework: w.ask(op='ceilings') for w in workers})

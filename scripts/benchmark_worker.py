@@ -75,12 +75,13 @@ def timed(fn: Callable[[], Any]) -> float:
 class CovidJax:
   """The training system's own steps (train.compile_steps): what a covid_jax run executes."""
 
-  def __init__(self, backbone: str, image_size: int, weights: str, dtype: str):
+  def __init__(self, backbone: str, image_size: int, weights: str, dtype: str, retain_freed_host_memory: bool):
     import jax
     from configs import default
     from covid_jax import host_memory, input_pipeline, port, train
     self.jax, self.train = jax, train
     config = default.get_config()
+    config.retain_freed_host_memory = retain_freed_host_memory
     if config.retain_freed_host_memory:  # As covid_jax.main does, before the backend starts.
       host_memory.retain_freed_memory()
     config.model.name, config.model.image_size, config.dtype = backbone, image_size, dtype
@@ -270,6 +271,8 @@ def main() -> None:
   parser.add_argument('--weights', required=True, help='legacy Keras .h5 backbone weights')
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
   parser.add_argument('--export_weights', action='store_true', help='write seeded weights to --weights and exit')
+  parser.add_argument('--retain_freed_host_memory', choices=('true', 'false'), default='true',
+                      help="covid_jax only: its config's retain_freed_host_memory (covid_jax.main's default: true)")
   args = parser.parse_args()
   # Answers go to the real stdout; anything the libraries print goes to stderr.
   reply = os.fdopen(os.dup(1), 'w')
@@ -278,7 +281,8 @@ def main() -> None:
     export_weights(args.backbone, args.image_size, args.weights)
     return
   if args.framework == 'covid_jax':
-    runner = CovidJax(args.backbone, args.image_size, args.weights, args.dtype)
+    runner = CovidJax(args.backbone, args.image_size, args.weights, args.dtype,
+                      retain_freed_host_memory=args.retain_freed_host_memory == 'true')
   else:
     runner = KerasModel(args.framework, args.backbone, args.image_size, args.weights, args.dtype)
   reply.write(json.dumps({'ready': True}) + '\n')

@@ -86,6 +86,22 @@ def test_merge_lists_only_the_commands_whose_rows_remain():
   assert merged['commands'] == ['b', 'c']
 
 
+@pytest.mark.parametrize('setting, retained', [('true', 1), ('false', 0)])
+def test_covid_jax_worker_retains_freed_host_memory_as_asked(tmp_path, monkeypatch, setting, retained):
+  import benchmark_worker
+  from covid_jax import host_memory
+  calls = []
+  monkeypatch.setattr(host_memory, 'retain_freed_memory', lambda: calls.append(True))
+  weights = str(tmp_path / 'vgg16.h5')
+  benchmark_worker.export_weights('vgg16', 32, weights)
+  monkeypatch.setattr(sys, 'argv', ['benchmark_worker.py', '--framework', 'covid_jax', '--backbone', 'vgg16',
+                                    '--image_size', '32', '--weights', weights, '--retain_freed_host_memory', setting])
+  monkeypatch.setattr(benchmark_worker, 'serve', lambda runner, reply: None)
+  monkeypatch.setattr(os, 'dup2', lambda *fds: None)  # Keep pytest's stdout where it is.
+  benchmark_worker.main()
+  assert len(calls) == retained
+
+
 def test_rejects_unknown_framework(capsys):
   with pytest.raises(SystemExit):
     benchmark.parse_args(['--frameworks', 'covid_jax,pytorch'])
