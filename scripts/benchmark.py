@@ -104,7 +104,11 @@ def _backbone(text: str) -> tuple[str, int]:
 
 
 class Worker:
-  """One framework's process, spoken to one JSON line at a time."""
+  """One framework's process, spoken to one JSON line at a time.
+
+  It starts at once; `wait_until_ready` waits for it to build its model, so several workers build theirs
+  side by side.
+  """
 
   def __init__(self, framework: str, backbone: str, image_size: int, weights: str, dtype: str,
                retain_freed_host_memory: str):
@@ -114,6 +118,8 @@ class Worker:
          str(image_size), '--weights', weights, '--dtype', dtype,
          '--retain_freed_host_memory', retain_freed_host_memory],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_worker_env(framework), cwd=_REPO)
+
+  def wait_until_ready(self) -> None:
     self._read()  # {"ready": true}
 
   def ask(self, **command: Any) -> dict[str, Any]:
@@ -168,6 +174,8 @@ def measure_backbone(backbone: str, image_size: int, args: argparse.Namespace, w
   workers = [Worker(f, backbone, image_size, weights, args.dtype, args.retain_freed_host_memory)
              for f in args.frameworks]
   try:
+    for w in workers:
+      w.wait_until_ready()
     if not ceilings:
       ceilings.update({w.framework: w.ask(op='ceilings') for w in workers})
     forward_flops = {}
