@@ -81,8 +81,7 @@ class CovidJax:
     from covid_jax import host_memory, input_pipeline, port, train
     self.jax, self.train = jax, train
     config = default.get_config()
-    config.retain_freed_host_memory = retain_freed_host_memory
-    if config.retain_freed_host_memory:  # As covid_jax.main does, before the backend starts.
+    if retain_freed_host_memory:  # As covid_jax.main does with its default config, before the backend starts.
       host_memory.retain_freed_memory()
     config.model.name, config.model.image_size, config.dtype = backbone, image_size, dtype
     config.learning_rate = LEARNING_RATE
@@ -96,9 +95,12 @@ class CovidJax:
     self.config.freeze_backbone = mode == 'head'
     return self.train.make_phases(self.config)[0]
 
-  def _state(self, phase):
+  def _host_state(self, phase):
     # Layer order matters only to the fine-tune phase, which the benchmark does not run.
-    state = self.train.make_state(self.model, self.config, self.variables, phase, [], steps_per_epoch=1000)
+    return self.train.make_state(self.model, self.config, self.variables, phase, [], steps_per_epoch=1000)
+
+  def _state(self, phase):
+    state = self._host_state(phase)
     # A copy (may_alias=False): the train step donates its state, and the next cell starts from the same variables.
     replicated = self.jax.sharding.NamedSharding(self.mesh, self.jax.sharding.PartitionSpec())
     return self.jax.device_put(state, replicated, may_alias=False)
@@ -143,7 +145,7 @@ class CovidJax:
       sharding = jax.sharding.NamedSharding(mesh, spec)
       return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                           jax.eval_shape(lambda: tree))
-    state = self.train.make_state(self.model, self.config, self.variables, phase, [], steps_per_epoch=1000)
+    state = self._host_state(phase)
     images, labels = images_and_labels(batch_size, self.config.model.image_size)
     batch = abstract({'image': images, 'label': labels}, P(self.train.AXIS))
     return float(eval_fn.trace(abstract(state, P()), batch).lower().cost_analysis()['flops'])
