@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from covid_jax.models.conv import Conv
 from covid_jax.models.depthwise import PointwiseConv, SeparableConv
 from covid_jax.models.pooling import max_pool
 
@@ -210,8 +211,8 @@ class NASNet(_Layers):
     else:
       cell = functools.partial(self._cell, train=train)
 
-    x = nn.Conv(self.stem_block_filters, (3, 3), (2, 2), padding='VALID', use_bias=False, dtype=self.dtype,
-                kernel_init=_HE_NORMAL, name='stem_conv1')(x)
+    x = Conv(self.stem_block_filters, (3, 3), (2, 2), padding='VALID', use_bias=False, dtype=self.dtype,
+             kernel_init=_HE_NORMAL, name='stem_conv1')(x)
     x = self._bn(x, 'stem_bn1', train)
     x, p = cell(_REDUCTION_CELL, x, None, filters // fm**2, 'stem_1')
     x, p = cell(_REDUCTION_CELL, x, p, filters // fm, 'stem_2')

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from covid_jax.models.conv import Conv
 from covid_jax.models.depthwise import PointwiseConv
 from covid_jax.models.pooling import max_pool
 
@@ -59,7 +60,7 @@ class ResNet50(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    conv = functools.partial(nn.Conv, dtype=self.dtype, param_dtype=jnp.float32)
+    conv = functools.partial(Conv, dtype=self.dtype)
     conv1x1 = functools.partial(PointwiseConv, use_bias=True, dtype=self.dtype)
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum, epsilon=BN_EPSILON,

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from covid_jax.models.conv import Conv
 from covid_jax.models.pooling import max_pool
 
 # (filters, convolutions) of each block; every block ends in a 2x2 max pool.
@@ -27,8 +28,7 @@ class VGG16(nn.Module):
     del train  # VGG16 has no layer that behaves differently in training.
     for b, (filters, convs) in enumerate(BLOCKS, start=1):
       for i in range(1, convs + 1):
-        x = nn.Conv(filters, (3, 3), padding='SAME', dtype=self.dtype, param_dtype=jnp.float32,
-                    name=f'block{b}_conv{i}')(x)
+        x = Conv(filters, (3, 3), padding='SAME', dtype=self.dtype, name=f'block{b}_conv{i}')(x)
         x = nn.relu(x)
       x = max_pool(x, 2, 2)
     return x

@@ -1,0 +1,131 @@
+"""Keras Conv2D, with its kernel gradient in the formulation fast on the backend.
+
+A train step computes three convolutions per layer: the forward pass, the
+gradient with respect to the input, and the gradient with respect to the
+kernel, a contraction over every output pixel of the batch. XLA:CPU runs the
+first two near TensorFlow's speed, but the kernel gradient falls to 22-34
+GFLOP/s once it contracts over ~10^5 pixels (VGG16 at 112-224 px, batch 8),
+4-7x slower than TensorFlow. The same gradient written as one matmul over
+im2col patches (the k*k shifted input slices, side by side on the channel
+axis) runs 1.5-4x faster there (BENCHMARKS.md). Over fewer pixels XLA's own is
+as fast, and other backends have native kernel gradients, so 'auto' picks the
+im2col form only on the CPU and only for large contractions. The patches are
+built at most 8 images at a time, which bounds their memory (~1 GB for VGG16's
+second layer at 224 px) whatever the batch. Forward values are XLA's
+convolution either way; the two kernel gradients agree to float32 rounding.
+"""
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from covid_jax.models.depthwise import Padding, window_taps
+
+# 'auto' picks per backend and contraction size at trace time; the others force one formulation.
+IMPLEMENTATIONS = ('auto', 'im2col', 'native')
+# Output pixels of the batch (images x height x width) from which 'auto' takes im2col on the CPU.
+IM2COL_MIN_PIXELS = 8 * 112 * 112
+IMAGES_PER_CHUNK = 8
+
+_DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
+
+
+def resolve_impl(impl: str, pixels: int) -> str:
+  """The kernel-gradient formulation `impl` stands for on the default backend, for a contraction over `pixels`."""
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f'Unknown kernel-gradient implementation {impl!r}; known: {IMPLEMENTATIONS}')
+  if impl == 'auto':
+    return 'im2col' if jax.default_backend() == 'cpu' and pixels >= IM2COL_MIN_PIXELS else 'native'
+  return impl
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), padding: Padding = 'SAME',
+           impl: str = 'auto') -> jax.Array:
+  """2D convolution of NHWC `x` with an HWIO `kernel`; `impl` chooses how its kernel gradient is computed.
+
+  `padding` is 'SAME' (TensorFlow's), 'VALID', or explicit ((top, bottom), (left, right)) zero padding.
+  """
+  strides = tuple(strides)
+  window = kernel.shape[:2]
+  pads = lax.padtype_to_pads(x.shape[1:3], window, strides, padding) if isinstance(padding, str) else padding
+  pads = tuple(tuple(p) for p in pads)
+  out_h, out_w = ((size + lo + hi - k) // s + 1 for size, (lo, hi), k, s in zip(x.shape[1:3], pads, window, strides))
+  if resolve_impl(impl, x.shape[0] * out_h * out_w) == 'native':
+    return _conv(x, kernel, strides, pads)
+  return _conv_im2col_gradient(x, kernel, strides, pads)
+
+
+def _conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: tuple[tuple[int, int], ...]) -> jax.Array:
+  return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DIMENSIONS)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_im2col_gradient(x, kernel, strides, pads):
+  return _conv(x, kernel, strides, pads)
+
+
+def _conv_im2col_gradient_fwd(x, kernel, strides, pads):
+  return _conv(x, kernel, strides, pads), (x, kernel)
+
+
+def _conv_im2col_gradient_bwd(strides, pads, residuals, g):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(lambda x: _conv(x, kernel, strides, pads), x)
+  (d_x,) = input_vjp(g)
+  return d_x, im2col_kernel_gradient(x, g, kernel.shape[:2], strides, pads).astype(kernel.dtype)
+
+
+_conv_im2col_gradient.defvjp(_conv_im2col_gradient_fwd, _conv_im2col_gradient_bwd)
+
+
+def im2col_kernel_gradient(x: jax.Array, g: jax.Array, window: Sequence[int], strides: Sequence[int],
+                           pads: Sequence[tuple[int, int]]) -> jax.Array:
+  """The HWIO kernel gradient of a convolution of `x` whose output cotangent is `g`, as matmuls over patches.
+
+  Accumulates in float32, chunk by chunk of at most IMAGES_PER_CHUNK images (a scan, so one chunk's
+  patches exist at a time).
+  """
+  n = x.shape[0]
+  chunk = max(d for d in range(1, min(n, IMAGES_PER_CHUNK) + 1) if n % d == 0)
+  padding = ((0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0))
+
+  def chunk_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
+    xp = lax.pad(x, np.zeros((), x.dtype), padding)
+    patches = jnp.concatenate(window_taps(xp, window, strides), axis=-1)
+    return lax.dot_general(patches, g, (((0, 1, 2), (0, 1, 2)), ((), ())), preferred_element_type=jnp.float32)
+
+  if chunk == n:
+    total = chunk_gradient(x, g)
+  else:
+    chunks = (x.reshape(n // chunk, chunk, *x.shape[1:]), g.reshape(n // chunk, chunk, *g.shape[1:]))
+    initial = jnp.zeros((np.prod(window) * x.shape[-1], g.shape[-1]), jnp.float32)
+    total, _ = lax.scan(lambda total, xg: (total + chunk_gradient(*xg), None), initial, chunks)
+  return total.reshape(*window, x.shape[-1], g.shape[-1])
+
+
+class Conv(nn.Module):
+  """Keras Conv2D; params {'kernel': HWIO} and, with use_bias, {'bias'}, as flax.linen.Conv names them."""
+
+  features: int
+  kernel_size: tuple[int, int]
+  strides: int | tuple[int, int] = 1
+  padding: Padding = 'SAME'
+  use_bias: bool = True
+  impl: str = 'auto'
+  dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()  # flax.linen.Conv's.
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', self.kernel_init, (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32) if self.use_bias else None
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    strides = (self.strides,) * 2 if isinstance(self.strides, int) else self.strides
+    y = conv2d(x, kernel, strides, self.padding, self.impl)
+    return y if bias is None else y + bias

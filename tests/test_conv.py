@@ -1,0 +1,80 @@
+"""Both kernel-gradient formulations of the convolution against Keras Conv2D on TensorFlow, values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from covid_jax.models import conv
+
+
+def _keras_conv(x, kernel, bias, strides, pads, weight):
+  """Keras's ZeroPadding2D + Conv2D, its output and the gradients of sum(output * weight)."""
+  layer = keras.layers.Conv2D(kernel.shape[-1], kernel.shape[:2], strides, 'valid', use_bias=bias is not None)
+  padded = keras.layers.ZeroPadding2D(pads)
+  x_tf = tf.constant(x)
+  layer.build(padded.compute_output_shape(x.shape))
+  layer.set_weights([kernel] if bias is None else [kernel, bias])
+  with tf.GradientTape() as tape:
+    tape.watch(x_tf)
+    y = layer(padded(x_tf))
+    loss = tf.reduce_sum(y * weight)
+  grads = tape.gradient(loss, [x_tf, *layer.trainable_weights])
+  return y.numpy(), [g.numpy() for g in grads]
+
+
+# (batch, height, width, channels in/out, window, stride, padding). Batches 9 and 12 are built in chunks
+# of 3 and 6 images; the others in one.
+CASES = [(2, 9, 9, 3, 4, 3, 1, 'SAME'), (12, 8, 7, 3, 5, 3, 2, 'VALID'), (9, 11, 10, 2, 4, 7, 2, ((3, 3), (3, 3))),
+         (3, 10, 10, 4, 2, 3, 2, 'SAME')]
+
+
+@pytest.mark.parametrize('impl', ['im2col', 'native'])
+@pytest.mark.parametrize('batch, height, width, c_in, c_out, window, stride, padding', CASES)
+def test_matches_keras_conv2d_and_its_gradients(batch, height, width, c_in, c_out, window, stride, padding, impl):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(batch, height, width, c_in)).astype(np.float32)
+  kernel = rng.normal(size=(window, window, c_in, c_out)).astype(np.float32)
+  bias = rng.normal(size=c_out).astype(np.float32)
+  module = conv.Conv(c_out, (window, window), stride, padding, impl=impl)
+  params = {'params': {'kernel': kernel, 'bias': bias}}
+  pads = padding if not isinstance(padding, str) else jax.lax.padtype_to_pads(
+      (height, width), (window, window), (stride, stride), padding)
+  out_shape = jax.eval_shape(module.apply, params, x).shape
+  weight = rng.normal(size=out_shape).astype(np.float32)
+  want, (want_dx, want_dkernel, want_dbias) = _keras_conv(x, kernel, bias, stride, tuple(map(tuple, pads)), weight)
+
+  def loss(params, x):
+    return jnp.sum(module.apply(params, x) * weight)
+  got_dparams, got_dx = jax.grad(loss, argnums=(0, 1))(params, x)
+  np.testing.assert_allclose(module.apply(params, x), want, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(got_dx, want_dx, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(got_dparams['params']['kernel'], want_dkernel, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(got_dparams['params']['bias'], want_dbias, rtol=1e-5, atol=1e-4)
+
+
+def test_bfloat16_kernel_gradient_is_float32_within_input_rounding():
+  # Two chunks of 8 images; only the inputs' rounding to bfloat16 (2^-9 relative) separates it from float32.
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(16, 64, 64, 2)).astype(np.float32)
+  g = rng.normal(size=(16, 64, 64, 3)).astype(np.float32)
+  want = tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=(3, 3, 2, 3), out_backprop=g, strides=[1, 1, 1, 1],
+                                         padding='SAME').numpy()
+  got = conv.im2col_kernel_gradient(jnp.asarray(x, jnp.bfloat16), jnp.asarray(g, jnp.bfloat16), (3, 3), (1, 1),
+                                    ((1, 1), (1, 1)))
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=0, atol=0.02 * np.abs(want).max())
+
+
+@pytest.mark.parametrize('pixels, want', [(conv.IM2COL_MIN_PIXELS, 'im2col'), (conv.IM2COL_MIN_PIXELS - 1, 'native')])
+def test_auto_takes_im2col_on_the_cpu_for_large_contractions_only(pixels, want):
+  assert jax.default_backend() == 'cpu'
+  assert conv.resolve_impl('auto', pixels) == want
+  assert conv.resolve_impl('native', 10**9) == 'native'
+
+
+def test_unknown_implementation_is_named():
+  with pytest.raises(ValueError, match="'winograd'"):
+    conv.conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), impl='winograd')
