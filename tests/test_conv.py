@@ -68,11 +68,14 @@ def test_bfloat16_kernel_gradient_is_float32_within_input_rounding():
   np.testing.assert_allclose(got, want, rtol=0, atol=0.02 * np.abs(want).max())
 
 
-@pytest.mark.parametrize('pixels, want', [(conv.IM2COL_MIN_PIXELS, 'im2col'), (conv.IM2COL_MIN_PIXELS - 1, 'native')])
-def test_auto_takes_im2col_on_the_cpu_for_large_contractions_only(pixels, want):
+@pytest.mark.parametrize('batch, want', [(2, 'im2col'), (1, 'native')])
+def test_auto_takes_im2col_on_the_cpu_for_large_gradients_only(batch, want):
+  # 2 * batch * 112 * 112 output pixels * (3 * 3 * 128 inputs) * 128 outputs: 3.7 GFLOP per image.
   assert jax.default_backend() == 'cpu'
-  assert conv.resolve_impl('auto', pixels) == want
-  assert conv.resolve_impl('native', 10**9) == 'native'
+  x, kernel = jax.ShapeDtypeStruct((batch, 112, 112, 128), jnp.float32), jnp.zeros((3, 3, 128, 128))
+  jaxpr = jax.make_jaxpr(lambda x: conv.conv2d(x, kernel))(x)
+  assert ('custom_vjp_call' in str(jaxpr)) == (want == 'im2col')
+  assert conv.resolve_impl('native', 1e15) == 'native'
 
 
 def test_unknown_implementation_is_named():

@@ -3,16 +3,18 @@
 A train step computes three convolutions per layer: the forward pass, the
 gradient with respect to the input, and the gradient with respect to the
 kernel, a contraction over every output pixel of the batch. XLA:CPU runs the
-first two near TensorFlow's speed, but the kernel gradient falls to 22-34
-GFLOP/s once it contracts over ~10^5 pixels (VGG16 at 112-224 px, batch 8),
-4-7x slower than TensorFlow. The same gradient written as one matmul over
-im2col patches (the k*k shifted input slices, side by side on the channel
-axis) runs 1.5-4x faster there (BENCHMARKS.md). Over fewer pixels XLA's own is
-as fast, and other backends have native kernel gradients, so 'auto' picks the
-im2col form only on the CPU and only for large contractions. The patches are
-built at most 8 images at a time, which bounds their memory (~1 GB for VGG16's
-second layer at 224 px) whatever the batch. Forward values are XLA's
-convolution either way; the two kernel gradients agree to float32 rounding.
+first two near TensorFlow's speed, but its kernel gradient reaches only 20-115
+GFLOP/s, 4-7x slower than TensorFlow for VGG16 at 112-224 px. Written instead
+as one matmul over im2col patches (the k*k shifted input slices, side by side
+on the channel axis), the same gradient runs 1.1-3.5x faster for every large
+one: VGG16's layers, and ResNet50's 3x3 layers at batch 32 (BENCHMARKS.md).
+Building the patches copies the input k*k times, which costs more than it saves
+for small gradients (ResNet50's 56 px 3x3 layers at batch 8: 33 against 22 ms),
+so 'auto' takes im2col on the CPU from 4 GFLOP up; other backends have native
+kernel gradients. The patches are built at most 8 images at a time, which
+bounds their memory (~1 GB for VGG16's second layer at 224 px) whatever the
+batch. Forward values are XLA's convolution either way; the two kernel
+gradients agree to float32 rounding.
 """
 
 import functools
@@ -27,21 +29,21 @@ from jax import lax
 
 from covid_jax.models.depthwise import Padding, window_taps
 
-# 'auto' picks per backend and contraction size at trace time; the others force one formulation.
+# 'auto' picks per backend and gradient size at trace time; the others force one formulation.
 IMPLEMENTATIONS = ('auto', 'im2col', 'native')
-# Output pixels of the batch (images x height x width) from which 'auto' takes im2col on the CPU.
-IM2COL_MIN_PIXELS = 8 * 112 * 112
+# Kernel-gradient FLOPs from which 'auto' takes im2col on the CPU.
+IM2COL_MIN_FLOPS = 4e9
 IMAGES_PER_CHUNK = 8
 
 _DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 
 
-def resolve_impl(impl: str, pixels: int) -> str:
-  """The kernel-gradient formulation `impl` stands for on the default backend, for a contraction over `pixels`."""
+def resolve_impl(impl: str, flops: float) -> str:
+  """The kernel-gradient formulation `impl` stands for on the default backend, for a gradient of `flops`."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f'Unknown kernel-gradient implementation {impl!r}; known: {IMPLEMENTATIONS}')
   if impl == 'auto':
-    return 'im2col' if jax.default_backend() == 'cpu' and pixels >= IM2COL_MIN_PIXELS else 'native'
+    return 'im2col' if jax.default_backend() == 'cpu' and flops >= IM2COL_MIN_FLOPS else 'native'
   return impl
 
 
@@ -56,7 +58,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), pad
   pads = lax.padtype_to_pads(x.shape[1:3], window, strides, padding) if isinstance(padding, str) else padding
   pads = tuple(tuple(p) for p in pads)
   out_h, out_w = ((size + lo + hi - k) // s + 1 for size, (lo, hi), k, s in zip(x.shape[1:3], pads, window, strides))
-  if resolve_impl(impl, x.shape[0] * out_h * out_w) == 'native':
+  flops = 2 * x.shape[0] * out_h * out_w * np.prod(kernel.shape)
+  if resolve_impl(impl, flops) == 'native':
     return _conv(x, kernel, strides, pads)
   return _conv_im2col_gradient(x, kernel, strides, pads)
 
