@@ -25,15 +25,28 @@ def _keras_conv(x, kernel, bias, strides, pads, weight):
   return y.numpy(), [g.numpy() for g in grads]
 
 
-# (batch, height, width, channels in/out, window, stride, padding). Batches 9 and 12 are built in chunks
-# of 3 and 6 images; the others in one.
+# (batch, height, width, channels in/out, window, stride, padding).
 CASES = [(2, 9, 9, 3, 4, 3, 1, 'SAME'), (12, 8, 7, 3, 5, 3, 2, 'VALID'), (9, 11, 10, 2, 4, 7, 2, ((3, 3), (3, 3))),
          (3, 10, 10, 4, 2, 3, 2, 'SAME')]
 
 
-@pytest.mark.parametrize('impl', ['im2col', 'native'])
+def _largest_proper_divisor(n):
+  return max([d for d in range(1, n) if n % d == 0] or [1])
+
+
+# The im2col gradient's blocks as chosen for these small shapes (the whole batch at once), and forced to
+# a few rows of one image, or to a few whole images.
+BLOCKS = {'chosen': None, 'rows': lambda n, out_h: (1, _largest_proper_divisor(out_h)),
+          'images': lambda n, out_h: (_largest_proper_divisor(n), out_h)}
+
+
+@pytest.mark.parametrize('impl, blocks', [('native', 'chosen'), ('im2col', 'chosen'), ('im2col', 'rows'),
+                                          ('im2col', 'images')])
 @pytest.mark.parametrize('batch, height, width, c_in, c_out, window, stride, padding', CASES)
-def test_matches_keras_conv2d_and_its_gradients(batch, height, width, c_in, c_out, window, stride, padding, impl):
+def test_matches_keras_conv2d_and_its_gradients(batch, height, width, c_in, c_out, window, stride, padding, impl,
+                                                blocks, monkeypatch):
+  if BLOCKS[blocks]:
+    monkeypatch.setattr(conv, 'block_shape', lambda n, out_h, *_: BLOCKS[blocks](n, out_h))
   rng = np.random.default_rng(0)
   x = rng.normal(size=(batch, height, width, c_in)).astype(np.float32)
   kernel = rng.normal(size=(window, window, c_in, c_out)).astype(np.float32)
@@ -53,6 +66,18 @@ def test_matches_keras_conv2d_and_its_gradients(batch, height, width, c_in, c_ou
   np.testing.assert_allclose(got_dx, want_dx, rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(got_dparams['params']['kernel'], want_dkernel, rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(got_dparams['params']['bias'], want_dbias, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize('shape, want', [
+    ((8, 224, 224, 64, 64), (1, 8)),  # 8 rows: 1,792 pixels of 2,304 patch bytes fill 4 MiB.
+    ((8, 28, 28, 512, 512), (1, 28)),  # 7 rows (196 pixels) would fit; 512 pixels need the whole image.
+    ((8, 14, 14, 512, 512), (4, 14)),  # One image holds 196 pixels; 4 images 784.
+    ((1, 2, 2, 8, 64), (1, 2)),  # No block holds 64 pixels: the whole batch.
+])
+def test_blocks_fill_the_cache_budget_with_at_least_c_out_pixels(shape, want):
+  n, out_h, out_w, c_in, c_out = shape
+  assert conv.PATCH_BLOCK_BYTES == 4 * 2**20
+  assert conv.block_shape(n, out_h, out_w, 9 * c_in * 4, c_out) == want
 
 
 def test_bfloat16_kernel_gradient_is_float32_within_input_rounding():

@@ -5,16 +5,14 @@ gradient with respect to the input, and the gradient with respect to the
 kernel, a contraction over every output pixel of the batch. XLA:CPU runs the
 first two near TensorFlow's speed, but its kernel gradient reaches only 20-115
 GFLOP/s, 4-7x slower than TensorFlow for VGG16 at 112-224 px. Written instead
-as one matmul over im2col patches (the k*k shifted input slices, side by side
-on the channel axis), the same gradient runs 1.1-3.5x faster for every large
-one: VGG16's layers, and ResNet50's 3x3 layers at batch 32 (BENCHMARKS.md).
-Building the patches copies the input k*k times, which costs more than it saves
-for small gradients (ResNet50's 56 px 3x3 layers at batch 8: 33 against 22 ms),
-so 'auto' takes im2col on the CPU from 4 GFLOP up; other backends have native
-kernel gradients. The patches are built at most 8 images at a time, which
-bounds their memory (~1 GB for VGG16's second layer at 224 px) whatever the
-batch. Forward values are XLA's convolution either way; the two kernel
-gradients agree to float32 rounding.
+as matmuls over im2col patches (the k*k shifted input slices, side by side on
+the channel axis), built a block of output rows at a time so that they stay in
+the cache, the same gradient runs 1.1-5.5x faster for every large one:
+VGG16's layers, ResNet50's at batch 32 (BENCHMARKS.md). For small gradients
+the patch copies cost more than they save (ResNet50's 56 px 3x3 layers at
+batch 8: 31 against 22 ms), so 'auto' takes im2col on the CPU from 4 GFLOP up;
+other backends have native kernel gradients. Forward values are XLA's
+convolution either way; the two kernel gradients agree to float32 rounding.
 """
 
 import functools
@@ -33,7 +31,8 @@ from covid_jax.models.depthwise import Padding, window_taps
 IMPLEMENTATIONS = ('auto', 'im2col', 'native')
 # Kernel-gradient FLOPs from which 'auto' takes im2col on the CPU.
 IM2COL_MIN_FLOPS = 4e9
-IMAGES_PER_CHUNK = 8
+# Patch bytes of one block of the im2col kernel gradient: a few MiB stay in a CPU's cache.
+PATCH_BLOCK_BYTES = 4 * 2**20
 
 _DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 
@@ -91,25 +90,46 @@ def im2col_kernel_gradient(x: jax.Array, g: jax.Array, window: Sequence[int], st
                            pads: Sequence[tuple[int, int]]) -> jax.Array:
   """The HWIO kernel gradient of a convolution of `x` whose output cotangent is `g`, as matmuls over patches.
 
-  Accumulates in float32, chunk by chunk of at most IMAGES_PER_CHUNK images (a scan, so one chunk's
-  patches exist at a time).
+  A scan over blocks of output rows (see `block_shape`) builds one block's patches at a time and
+  accumulates their matmuls with `g` in float32.
   """
-  n = x.shape[0]
-  chunk = max(d for d in range(1, min(n, IMAGES_PER_CHUNK) + 1) if n % d == 0)
-  padding = ((0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0))
+  n, out_h, out_w, c_out = g.shape
+  (kh, kw), sh = window, strides[0]
+  c_in = x.shape[-1]
+  images, rows = block_shape(n, out_h, out_w, kh * kw * c_in * x.dtype.itemsize, c_out)
+  xp = lax.pad(x, np.zeros((), x.dtype), ((0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)))
+  blocks_per_image = out_h // rows
 
-  def chunk_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
-    xp = lax.pad(x, np.zeros((), x.dtype), padding)
-    patches = jnp.concatenate(window_taps(xp, window, strides), axis=-1)
-    return lax.dot_general(patches, g, (((0, 1, 2), (0, 1, 2)), ((), ())), preferred_element_type=jnp.float32)
+  def add_block(total: jax.Array, block: jax.Array) -> tuple[jax.Array, None]:
+    image, row = images * (block // blocks_per_image), rows * (block % blocks_per_image)
+    slab = lax.dynamic_slice_in_dim(lax.dynamic_slice_in_dim(xp, image, images, 0), sh * row, sh * (rows - 1) + kh, 1)
+    g_block = lax.dynamic_slice(g, (image, row, 0, 0), (images, rows, out_w, c_out))
+    patches = jnp.concatenate(window_taps(slab, window, strides), axis=-1)
+    product = lax.dot_general(patches, g_block, (((0, 1, 2), (0, 1, 2)), ((), ())),
+                              preferred_element_type=jnp.float32)
+    return total + product, None
 
-  if chunk == n:
-    total = chunk_gradient(x, g)
-  else:
-    chunks = (x.reshape(n // chunk, chunk, *x.shape[1:]), g.reshape(n // chunk, chunk, *g.shape[1:]))
-    initial = jnp.zeros((np.prod(window) * x.shape[-1], g.shape[-1]), jnp.float32)
-    total, _ = lax.scan(lambda total, xg: (total + chunk_gradient(*xg), None), initial, chunks)
-  return total.reshape(*window, x.shape[-1], g.shape[-1])
+  initial = jnp.zeros((kh * kw * c_in, c_out), jnp.float32)
+  total, _ = lax.scan(add_block, initial, jnp.arange(n // images * blocks_per_image))
+  return total.reshape(kh, kw, c_in, c_out)
+
+
+def block_shape(n: int, out_h: int, out_w: int, patch_pixel_bytes: int, c_out: int) -> tuple[int, int]:
+  """(images, output rows) per block of the im2col kernel gradient; rows < out_h only for one image.
+
+  The largest block whose patches fit PATCH_BLOCK_BYTES (they are written and read back from the cache)
+  while holding at least c_out pixels (the matmul then outweighs the accumulation of its
+  patch-channels x c_out product); where no block does both, the smallest that holds c_out pixels.
+  """
+  shapes = [(1, r) for r in _divisors(out_h)] + [(i, out_h) for i in _divisors(n) if i > 1]
+  pixels = [images * rows * out_w for images, rows in shapes]
+  large_enough = [(p, shape) for p, shape in zip(pixels, shapes) if p >= c_out] or [(pixels[-1], shapes[-1])]
+  in_cache = [(p, shape) for p, shape in large_enough if p * patch_pixel_bytes <= PATCH_BLOCK_BYTES]
+  return max(in_cache)[1] if in_cache else min(large_enough)[1]
+
+
+def _divisors(n: int) -> list[int]:
+  return [d for d in range(1, n + 1) if n % d == 0]
 
 
 class Conv(nn.Module):
