@@ -7,28 +7,41 @@ convolutions a train step runs (the forward pass, the gradient with respect to
 the input, the gradient with respect to the kernel) in jaxlib's XLA (jitted
 `lax.conv_general_dilated` and its VJPs) and in TensorFlow's kernels (`Conv2D`,
 `Conv2DBackpropInput`, `Conv2DBackpropFilter`), taking turns, on the same
-inputs. Prints a Markdown table of milliseconds and GFLOP/s (median of
---repeats), and checks that both frameworks compute the same gradients.
+inputs; and the kernel gradient as covid_jax computes it on the CPU, as matmuls
+over im2col patches (`covid_jax.models.conv`), against TensorFlow's again.
+Prints a Markdown table of milliseconds and GFLOP/s (median of --repeats), and
+checks that both frameworks compute the same gradients. Freed host memory is
+kept for reuse, as covid_jax.main does by default.
 """
 
 import argparse
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from covid_jax.host_memory import retain_freed_memory  # noqa: E402
+
+retain_freed_memory()  # Before the JAX backend starts (see covid_jax.host_memory).
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from jax import lax  # noqa: E402
 
+from covid_jax.models import conv  # noqa: E402
+
 # (height = width, input channels, output channels) of VGG16's convolutions at 224 px, each once.
 VGG16_CONVOLUTIONS = ((224, 3, 64), (224, 64, 64), (112, 64, 128), (112, 128, 128), (56, 128, 256),
                       (56, 256, 256), (28, 256, 512), (28, 512, 512), (14, 512, 512))
-OPS = ('forward', 'input gradient', 'kernel gradient')
+OPS = ('forward', 'input gradient', 'kernel gradient', 'kernel gradient as im2col matmuls')
 
 
 def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -40,20 +53,24 @@ def jax_ops(x: np.ndarray, kernel: np.ndarray, g: np.ndarray) -> dict[str, Calla
   forward = jax.jit(_conv)
   d_input = jax.jit(lambda x, k, g: jax.vjp(lambda x: _conv(x, k), x)[1](g)[0])
   d_kernel = jax.jit(lambda x, k, g: jax.vjp(lambda k: _conv(x, k), k)[1](g)[0])
+  d_kernel_im2col = jax.jit(lambda x, k, g: jax.vjp(lambda k: conv.conv2d(x, k, impl='im2col'), k)[1](g)[0])
   return {'forward': lambda: forward(x, kernel).block_until_ready(),
           'input gradient': lambda: d_input(x, kernel, g).block_until_ready(),
-          'kernel gradient': lambda: d_kernel(x, kernel, g).block_until_ready()}
+          'kernel gradient': lambda: d_kernel(x, kernel, g).block_until_ready(),
+          'kernel gradient as im2col matmuls': lambda: d_kernel_im2col(x, kernel, g).block_until_ready()}
 
 
 def tensorflow_ops(x: np.ndarray, kernel: np.ndarray, g: np.ndarray) -> dict[str, Callable[[], np.ndarray]]:
   x, kernel, g = tf.constant(x), tf.constant(kernel), tf.constant(g)
   strides, padding = [1, 1, 1, 1], 'SAME'
+  d_kernel = lambda: tf.raw_ops.Conv2DBackpropFilter(
+      input=x, filter_sizes=tf.shape(kernel), out_backprop=g, strides=strides, padding=padding).numpy()
   return {
       'forward': lambda: tf.nn.conv2d(x, kernel, strides, padding).numpy(),
       'input gradient': lambda: tf.raw_ops.Conv2DBackpropInput(
           input_sizes=tf.shape(x), filter=kernel, out_backprop=g, strides=strides, padding=padding).numpy(),
-      'kernel gradient': lambda: tf.raw_ops.Conv2DBackpropFilter(
-          input=x, filter_sizes=tf.shape(kernel), out_backprop=g, strides=strides, padding=padding).numpy(),
+      'kernel gradient': d_kernel,
+      'kernel gradient as im2col matmuls': d_kernel,  # TensorFlow's one kernel gradient, timed again beside it.
   }
 
 
