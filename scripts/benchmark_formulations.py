@@ -2,7 +2,7 @@
 
   python scripts/benchmark_formulations.py --batch_size 8 --dtype float32
 
-covid_jax writes three ops in a formulation chosen for speed, not the textbook one
+covid_jax writes four ops in a formulation chosen for speed, not the textbook one
 (the modules' docstrings say why):
 
   depthwise  'shifted', a sum of k*k shifted products (chosen on CPU), against
@@ -11,6 +11,8 @@ covid_jax writes three ops in a formulation chosen for speed, not the textbook o
              overlap), against lax.reduce_window                    models/pooling.py
   1x1 conv   a matmul over channels (chosen everywhere), against
              a 1x1 convolution                                       models/depthwise.py
+  3x3 conv   the kernel gradient as 'im2col' matmuls (chosen on CPU from
+             4 GFLOP), against XLA's 'native' one                     models/conv.py
 
 At shapes the backbones run, each formulation is jitted on the default backend and
 timed forward and forward + backward (gradients of the input and the kernel), the
@@ -38,7 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
-from covid_jax.models import depthwise, pooling  # noqa: E402
+from covid_jax.models import conv, depthwise, pooling  # noqa: E402
 
 # (where, height = width, channels, kernel size, stride) of depthwise convolutions NASNetLarge runs at 331 px.
 DEPTHWISE_CASES = (('nasnet_large stem', 165, 42, 7, 2), ('nasnet_large stem', 165, 42, 5, 2),
@@ -49,6 +51,9 @@ POOL_CASES = (('vgg16 pool 1', 224, 64, 2, 2), ('vgg16 pool 2', 112, 128, 2, 2),
 # (where, height = width, input channels, output channels) of 1x1 convolutions.
 POINTWISE_CASES = (('resnet50 stage 1', 56, 64, 256), ('resnet50 stage 1', 56, 256, 64),
                    ('resnet50 stage 3', 14, 1024, 256), ('nasnet_large block 1', 42, 168, 168))
+# (where, height = width, input channels, output channels) of SAME 3x3 convolutions.
+CONV_CASES = (('vgg16 block 1', 224, 64, 64), ('vgg16 block 2', 112, 128, 128), ('vgg16 block 4', 28, 512, 512),
+              ('resnet50 stage 1', 56, 64, 64))
 TOLERANCE = {'float32': 1e-4, 'bfloat16': 1e-1}
 
 
@@ -66,6 +71,10 @@ def pointwise_formulations() -> dict[str, Callable]:
   def convolution(x, k):
     return lax.conv_general_dilated(x, k, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   return {'matmul': lambda x, k: jnp.dot(x, k[0, 0]), 'convolution': convolution}
+
+
+def conv_formulations() -> dict[str, Callable]:
+  return {impl: (lambda x, k, impl=impl: conv.conv2d(x, k, (1, 1), 'SAME', impl)) for impl in ('im2col', 'native')}
 
 
 def forward_and_backward(fn: Callable) -> Callable:
@@ -169,6 +178,10 @@ def all_cases(batch_size: int, scale: int = 1) -> list[tuple[str, str, tuple, di
     cases.append(('1x1 conv', f'{where} {c_in}->{c_out}', ((batch_size, size, size, c_in), (1, 1, c_in, c_out),
                                                            (batch_size, size, size, c_out)), pointwise_formulations(),
                   'matmul'))  # PointwiseConv's, on every backend.
+  for where, size, c_in, c_out in shrink(CONV_CASES):
+    x_shape, kernel_shape = (batch_size, size, size, c_in), (3, 3, c_in, c_out)
+    cases.append(('3x3 conv', f'{where} {c_in}->{c_out}', (x_shape, kernel_shape, (batch_size, size, size, c_out)),
+                  conv_formulations(), conv.resolve_impl('auto', 2 * np.prod(x_shape[:3]) * np.prod(kernel_shape))))
   return cases
 
 
@@ -190,7 +203,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
   parser.add_argument('--batch_size', type=int, default=8)
   parser.add_argument('--dtype', choices=tuple(TOLERANCE), default='float32')
   parser.add_argument('--repeats', type=int, default=10)
-  parser.add_argument('--ops', default='depthwise,max pool,1x1 conv', help='comma-separated subset')
+  parser.add_argument('--ops', default='depthwise,max pool,1x1 conv,3x3 conv', help='comma-separated subset')
   parser.add_argument('--scale', type=int, default=1, help='divide every spatial size by this (for quick checks)')
   parser.add_argument('--json', help='also write the rows here')
   args = parser.parse_args(argv)

@@ -47,3 +47,11 @@ def test_a_formulation_that_computes_something_else_fails(monkeypatch):
   monkeypatch.setattr(benchmark_formulations, 'pool_formulations', wrong)
   with pytest.raises(SystemExit, match='formulations disagree'):
     benchmark_formulations.main(_QUICK)
+
+
+def test_times_both_kernel_gradients_of_the_3x3_convolutions():
+  rows = benchmark_formulations.main(['--batch_size', '1', '--scale', '16', '--repeats', '1', '--ops', '3x3 conv'])
+  assert len(rows) == 2 * len(benchmark_formulations.CONV_CASES)
+  assert {r['formulation'] for r in rows} == {'im2col', 'native'}
+  assert all(r['error'] <= 1e-4 for r in rows)  # Scaled down, every gradient is small: XLA's own is chosen.
+  assert {r['formulation'] for r in rows if r['chosen']} == {'native'}

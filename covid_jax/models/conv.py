@@ -3,11 +3,11 @@
 A train step computes three convolutions per layer: the forward pass, the
 gradient with respect to the input, and the gradient with respect to the
 kernel, a contraction over every output pixel of the batch. XLA:CPU runs the
-first two near TensorFlow's speed, but its kernel gradient reaches only 20-115
-GFLOP/s, 4-7x slower than TensorFlow for VGG16 at 112-224 px. Written instead
-as matmuls over im2col patches (the k*k shifted input slices, side by side on
-the channel axis), built a block of output rows at a time so that they stay in
-the cache, the same gradient runs 1.1-5.5x faster for every large one:
+first two near TensorFlow's speed, but its kernel gradient reaches only 24-124
+GFLOP/s, 2-5x slower than TensorFlow for VGG16 at 56-224 px. Written instead as
+matmuls over im2col patches (the k*k shifted input slices, side by side on the
+channel axis), built a block of output rows at a time so that they stay in the
+cache, the same gradient runs as fast or up to 5.5x faster for every large one:
 VGG16's layers, ResNet50's at batch 32 (BENCHMARKS.md). For small gradients
 the patch copies cost more than they save (ResNet50's 56 px 3x3 layers at
 batch 8: 31 against 22 ms), so 'auto' takes im2col on the CPU from 4 GFLOP up;
