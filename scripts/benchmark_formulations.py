@@ -180,8 +180,9 @@ def all_cases(batch_size: int, scale: int = 1) -> list[tuple[str, str, tuple, di
                   'matmul'))  # PointwiseConv's, on every backend.
   for where, size, c_in, c_out in shrink(CONV_CASES):
     x_shape, kernel_shape = (batch_size, size, size, c_in), (3, 3, c_in, c_out)
+    flops = conv.kernel_gradient_flops(np.prod(x_shape[:3]), kernel_shape)  # SAME, stride 1: output size = input's.
     cases.append(('3x3 conv', f'{where} {c_in}->{c_out}', (x_shape, kernel_shape, (batch_size, size, size, c_out)),
-                  conv_formulations(), conv.resolve_impl('auto', 2 * np.prod(x_shape[:3]) * np.prod(kernel_shape))))
+                  conv_formulations(), conv.resolve_impl('auto', flops)))
   return cases
 
 

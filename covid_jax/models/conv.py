@@ -46,6 +46,11 @@ def resolve_impl(impl: str, flops: float) -> str:
   return impl
 
 
+def kernel_gradient_flops(output_pixels: int, kernel_shape: Sequence[int]) -> int:
+  """Multiply-adds x 2 of the kernel gradient: each output pixel of the batch meets every kernel weight once."""
+  return 2 * output_pixels * int(np.prod(kernel_shape))
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), padding: Padding = 'SAME',
            impl: str = 'auto') -> jax.Array:
   """2D convolution of NHWC `x` with an HWIO `kernel`; `impl` chooses how its kernel gradient is computed.
@@ -57,8 +62,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), pad
   pads = lax.padtype_to_pads(x.shape[1:3], window, strides, padding) if isinstance(padding, str) else padding
   pads = tuple(tuple(p) for p in pads)
   out_h, out_w = ((size + lo + hi - k) // s + 1 for size, (lo, hi), k, s in zip(x.shape[1:3], pads, window, strides))
-  flops = 2 * x.shape[0] * out_h * out_w * np.prod(kernel.shape)
-  if resolve_impl(impl, flops) == 'native':
+  if resolve_impl(impl, kernel_gradient_flops(x.shape[0] * out_h * out_w, kernel.shape)) == 'native':
     return _conv(x, kernel, strides, pads)
   return _conv_im2col_gradient(x, kernel, strides, pads)
 
