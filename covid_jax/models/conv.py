@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from covid_jax.models.depthwise import Padding, window_taps
+from covid_jax.models.depthwise import Padding, explicit_pads, window_taps
 
 # 'auto' picks per backend and gradient size at trace time; the others force one formulation.
 IMPLEMENTATIONS = ('auto', 'im2col', 'native')
@@ -59,8 +59,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), pad
   """
   strides = tuple(strides)
   window = kernel.shape[:2]
-  pads = lax.padtype_to_pads(x.shape[1:3], window, strides, padding) if isinstance(padding, str) else padding
-  pads = tuple(tuple(p) for p in pads)
+  pads = explicit_pads(x.shape[1:3], window, strides, padding)
   out_h, out_w = ((size + lo + hi - k) // s + 1 for size, (lo, hi), k, s in zip(x.shape[1:3], pads, window, strides))
   if resolve_impl(impl, kernel_gradient_flops(x.shape[0] * out_h * out_w, kernel.shape)) == 'native':
     return _conv(x, kernel, strides, pads)

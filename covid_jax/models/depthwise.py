@@ -49,8 +49,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1,
   impl = resolve_impl(impl)
   window = kernel.shape[:2]
   strides = tuple(strides)
-  pads = lax.padtype_to_pads(x.shape[1:3], window, strides, padding) if isinstance(padding, str) else padding
-  pads = tuple(tuple(p) for p in pads)
+  pads = explicit_pads(x.shape[1:3], window, strides, padding)
   if impl == 'grouped':
     return lax.conv_general_dilated(
         x, kernel, strides, pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=x.shape[-1])
@@ -62,6 +61,13 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1,
   xp = lax.pad(x.astype(wide), np.zeros((), wide), ((0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)))
   y = _correlate(xp, kernel.astype(wide), strides)
   return y.astype(x.dtype)
+
+
+def explicit_pads(spatial_shape: Sequence[int], window: Sequence[int], strides: Sequence[int],
+                  padding: Padding) -> tuple[tuple[int, int], ...]:
+  """`padding` as ((top, bottom), (left, right)), hashable (custom_vjp takes it as a static argument)."""
+  pads = lax.padtype_to_pads(spatial_shape, window, strides, padding) if isinstance(padding, str) else padding
+  return tuple(tuple(p) for p in pads)
 
 
 def window_taps(xp: jax.Array, window: Sequence[int], strides: Sequence[int]) -> list[jax.Array]:
