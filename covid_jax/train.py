@@ -2,8 +2,8 @@
 
 The gradient step is per-device code with the axis name 'data' (gradients,
 BatchNorm statistics and metrics are `lax.pmean`-ed), mapped with `jax.shard_map`
-over the 1-D data mesh inside `jax.jit`; the optimiser update is a second jitted
-program (`TrainStep`). A run has one or two phases: with
+over the 1-D data mesh inside `jax.jit`, and followed by the optimiser update
+(`TrainStep`: on a CPU a second program). A run has one or two phases: with
 `freeze_backbone`, phase 'head' trains the head on a frozen backbone and phase
 'fine_tune' then unfreezes the trailing backbone layers; otherwise one phase
 'train' trains everything. Each phase has its own optimiser and cosine schedule.
@@ -292,27 +292,39 @@ def apply_update(state: TrainState, grads: dict[tuple[str, ...], jax.Array], bat
 
 
 class TrainStep:
-  """One optimiser step, `(state, batch, dropout_key) -> (state, scores)`, run as two programs.
+  """One optimiser step, `(state, batch, dropout_key) -> (state, scores)`, compiled on its first call.
 
-  XLA compiles a program on about one core. The gradients (forward and backward
-  pass) and the optimiser's update are separate programs, compiled side by side
-  on the first call: NASNetLarge's full fine-tune on a 2-core CPU reached its
-  first step 6-12 s sooner than as one program, with bit-identical values and
-  the same step time (BENCHMARKS.md). They are compiled once, for the first
-  call's shapes, which every train batch of a phase shares. The state is
-  donated to the update.
+  On a CPU it runs as two programs: the gradients (forward and backward pass) and
+  the optimiser's update, compiled side by side. XLA:CPU compiles a program on
+  about one core, so NASNetLarge's full fine-tune on a 2-core CPU reached its
+  first step 6-12 s sooner than as one program, with bit-identical values and the
+  same step time. On a GPU (or TPU) it runs as one program: there a launch costs
+  the host milliseconds for the state's hundreds of arrays (ResNet50's update
+  program alone took 6.6 ms on an H100), and two programs made ResNet50's step
+  1.4-1.5x slower (BENCHMARKS.md). Either way it is compiled once, for the first
+  call's shapes, which every train batch of a phase shares, and the state is
+  donated.
   """
 
-  def __init__(self, gradients: Callable, replicated: jax.sharding.Sharding):
-    """`gradients`: `train_gradients` mapped over the mesh; `replicated`: the state's sharding."""
-    self._gradients = jax.jit(gradients)
-    self._update = jax.jit(apply_update, in_shardings=replicated, out_shardings=replicated, donate_argnums=0)
+  def __init__(self, gradients: Callable, replicated: jax.sharding.Sharding, separate_update: bool):
+    """`gradients`: `train_gradients` mapped over the mesh; `replicated`: the state's sharding;
+    `separate_update`: two programs (see above) rather than one."""
+    self.separate_update = separate_update
+    if separate_update:
+      self._gradients = jax.jit(gradients)
+      self._update = jax.jit(apply_update, in_shardings=replicated, out_shardings=replicated, donate_argnums=0)
+    else:
+      self._step = jax.jit(functools.partial(_gradients_then_update, gradients), donate_argnums=0,
+                           out_shardings=(replicated, replicated))
     self._compiled = None
 
   @python_gc.full_collections_deferred()
   def compile(self, state: TrainState, batch: dict[str, Any], dropout_key: Any) -> None:
-    """Compiles both programs for these arguments (arrays, or `jax.ShapeDtypeStruct`s): the update on a
-    second thread while the gradients are traced and compiled on this one."""
+    """Compiles the step for these arguments (arrays, or `jax.ShapeDtypeStruct`s); as two programs, the
+    update on a second thread while the gradients are traced and compiled on this one."""
+    if not self.separate_update:
+      self._compiled = self._step.trace(state, batch, dropout_key).lower().compile()
+      return
     params = traverse_util.flatten_dict(state.params)
     grads = {path: jax.ShapeDtypeStruct(params[path].shape, params[path].dtype) for path in state.trainable}
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -324,9 +336,17 @@ class TrainStep:
                dropout_key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
     if self._compiled is None:
       self.compile(state, batch, dropout_key)
+    if not self.separate_update:
+      return self._compiled(state, batch, dropout_key)
     gradients, update = self._compiled
     grads, batch_stats, scores = gradients(state, batch, dropout_key)
     return update(state, grads, batch_stats), scores
+
+
+def _gradients_then_update(gradients: Callable, state: TrainState, batch: dict[str, jax.Array],
+                           dropout_key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+  grads, batch_stats, scores = gradients(state, batch, dropout_key)
+  return apply_update(state, grads, batch_stats), scores
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> jax.Array:
@@ -334,9 +354,12 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> jax.Array:
   return state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, batch['image'], train=False)
 
 
-def compile_steps(mesh: jax.sharding.Mesh, phase: Phase, config: ml_collections.ConfigDict
-                  ) -> tuple[TrainStep, Callable]:
-  """(train step, eval step) over the mesh, compiled on first call."""
+def compile_steps(mesh: jax.sharding.Mesh, phase: Phase, config: ml_collections.ConfigDict,
+                  separate_update: bool | None = None) -> tuple[TrainStep, Callable]:
+  """(train step, eval step) over the mesh, compiled on first call.
+
+  `separate_update`: the train step as two programs; None chooses by the mesh's platform (on a CPU only).
+  """
   gradients = functools.partial(train_gradients, phase=phase, label_smoothing=config.label_smoothing,
                                 l1=config.model.head.l1, l2=config.model.head.l2)
   # check_vma=False gives pmap's semantics: gradients inside the body are local to the device and
@@ -345,7 +368,9 @@ def compile_steps(mesh: jax.sharding.Mesh, phase: Phase, config: ml_collections.
   mapped = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
   gradients = mapped(gradients, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P(), P()))
   evaluate = jax.jit(mapped(eval_step, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)))
-  return TrainStep(gradients, jax.sharding.NamedSharding(mesh, P())), evaluate
+  if separate_update is None:
+    separate_update = mesh.devices.flat[0].platform == 'cpu'
+  return TrainStep(gradients, jax.sharding.NamedSharding(mesh, P()), separate_update), evaluate
 
 
 @dataclasses.dataclass

@@ -126,8 +126,9 @@ def test_fine_tune_unfreezes_trailing_layers_counted_in_keras_order(built_datase
   assert trainer.outline.head_input.shape == (1, keras_model.output_shape[-1])
 
 
-def test_train_step_is_one_sgd_step_on_the_trainable_parameters(built_dataset, tmp_path):
-  """The step (a gradient program, then an update program) against SGD's first step written out here.
+@pytest.mark.parametrize('separate_update', (True, False), ids=('two programs', 'one program'))
+def test_train_step_is_one_sgd_step_on_the_trainable_parameters(built_dataset, tmp_path, separate_update):
+  """The step, in both of its forms (see train.TrainStep), against SGD's first step written out here.
 
   The fine-tune phase, with 3 trailing VGG16 layers unfrozen: the trainable parameters move by -lr g (the
   momentum starts at zero), g the gradient of the loss written below; every other parameter stays as it was.
@@ -159,7 +160,7 @@ def test_train_step_is_one_sgd_step_on_the_trainable_parameters(built_dataset, t
   lr = float(train.make_schedule(phase, trainer.steps_per_epoch)(0))
   flat = lambda tree: {'/'.join(path): np.array(leaf) for path, leaf in traverse_util.flatten_dict(tree).items()}
   before, gradient = flat(variables['params']), flat(grads)  # Copied: the step donates the state's arrays.
-  train_fn, _ = train.compile_steps(trainer.mesh, phase, config)
+  train_fn, _ = train.compile_steps(trainer.mesh, phase, config, separate_update=separate_update)
   after = flat(train_fn(state, batch, jax.random.key(0))[0].params)
   unfrozen = {'block5_conv1', 'block5_conv2', 'block5_conv3'}
   trainable = {path for path in before if path.startswith('head/') or path.split('/')[1] in unfrozen}
@@ -169,6 +170,13 @@ def test_train_step_is_one_sgd_step_on_the_trainable_parameters(built_dataset, t
     np.testing.assert_allclose(after[path], before[path] - lr * gradient[path], rtol=1e-5,
                                atol=1e-5 * lr * np.abs(gradient[path]).max(), err_msg=path)
   assert sum(not np.array_equal(after[path], before[path]) for path in trainable) > len(trainable) / 2
+
+
+def test_train_step_is_two_programs_on_a_cpu():
+  """Two programs compile side by side on a CPU; elsewhere the step is one program (train.TrainStep)."""
+  config = default.get_config()
+  mesh = jax.make_mesh((1,), ('data',), devices=jax.devices('cpu')[:1])
+  assert train.compile_steps(mesh, train.make_phases(config)[0], config)[0].separate_update
 
 
 def _ported_tiny_backbone(config: ml_collections.ConfigDict, directory: Path, layer_order: list[str]) -> None:
