@@ -17,7 +17,8 @@ covid_jax writes four ops in a formulation chosen for speed, not the textbook on
 At shapes the backbones run, each formulation is jitted on the default backend and
 timed forward and forward + backward (gradients of the input and the kernel), the
 median of --repeats; the formulations take turns. They must agree at HIGHEST
-precision, relative to the largest value, to 1e-4 in float32 and 1e-1 in
+precision, relative to the largest value of each output (value, input gradient,
+kernel gradient; the JSON rows hold all three), to 1e-4 in float32 and 1e-1 in
 bfloat16 (8 bits: a formulation that accumulates in it is off by a few percent, a
 wrong one by far more). Max pools are compared in float32 on inputs with no two
 values equal: at a tie each formulation may route the gradient its own way.
@@ -101,10 +102,13 @@ def seconds_per_call(fn: Callable[[], object], calls: int) -> float:
   return (time.perf_counter() - start) / calls
 
 
-def relative_error(a: Sequence[jax.Array], b: Sequence[jax.Array]) -> float:
-  """Largest difference over the largest magnitude, across all outputs."""
-  return max(float(np.max(np.abs(np.float64(u) - np.float64(v))) / max(np.max(np.abs(np.float64(v))), 1e-30))
-             for u, v in zip(a, b))
+OUTPUTS = ('output', 'input gradient', 'kernel gradient')  # What forward_and_backward returns, in order.
+
+
+def relative_errors(a: Sequence[jax.Array], b: Sequence[jax.Array]) -> dict[str, float]:
+  """Per output (OUTPUTS): the largest difference over the largest magnitude."""
+  return {name: float(np.max(np.abs(np.float64(u) - np.float64(v))) / max(np.max(np.abs(np.float64(v))), 1e-30))
+          for name, u, v in zip(OUTPUTS, a, b)}
 
 
 def distinct_values(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -131,7 +135,7 @@ def measure_case(op: str, where: str, shapes: tuple, formulations: dict[str, Cal
   with jax.default_matmul_precision('highest'):
     results = {name: jax.jit(forward_and_backward(fn))(*checked) for name, fn in formulations.items()}
   reference, other = results.values()
-  error = relative_error(other, reference)
+  errors = relative_errors(other, reference)
   calls = {}
   for name, fn in formulations.items():
     forward, both = jax.jit(fn), jax.jit(forward_and_backward(fn))
@@ -147,7 +151,8 @@ def measure_case(op: str, where: str, shapes: tuple, formulations: dict[str, Cal
   rows = [{'op': op, 'where': where, 'input_shape': list(x_shape), 'kernel_shape': list(kernel_shape),
            'dtype': dtype, 'backend': jax.default_backend(), 'formulation': name, 'chosen': name == chosen,
            'forward_ms': 1e3 * statistics.median(seconds[name]['forward']),
-           'forward_backward_ms': 1e3 * statistics.median(seconds[name]['forward_backward']), 'error': error}
+           'forward_backward_ms': 1e3 * statistics.median(seconds[name]['forward_backward']),
+           'error': max(errors.values()), 'errors': errors}
           for name in formulations]
   fastest = min(rows, key=lambda r: r['forward_backward_ms'])
   for row in rows:
@@ -222,7 +227,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
   disagree = [r for r in rows if r['error'] > TOLERANCE[args.dtype]]
   if disagree:  # After the table, so a long run's timings are not lost.
     raise SystemExit('formulations disagree (> {}): {}'.format(
-        TOLERANCE[args.dtype], '; '.join(f'{r["op"]} {r["where"]} {r["error"]:.1e}' for r in disagree[::2])))
+        TOLERANCE[args.dtype], '; '.join(f'{r["op"]} {r["where"]} {r["error"]:.1e} ('
+                                         + ', '.join(f'{k} {v:.1e}' for k, v in r['errors'].items()) + ')'
+                                         for r in disagree[::2])))
   return rows
 
 
