@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -403,17 +404,22 @@ def test_invalid_config_values_name_the_key(built_dataset, tmp_path):
     train.validate_config(tiny_config(data_dir, num_epochs=1, warmup_epochs=1))
 
 
-def _main(workdir: Path, *overrides: str, devices: int = 1, env_changes: dict[str, str | None] | None = None
-          ) -> subprocess.CompletedProcess:
-  """`python -m covid_jax.main` on the demo config; `env_changes` sets (or, with None, removes) variables."""
+def _main_args(workdir: Path, *overrides: str, devices: int = 1, env_changes: dict[str, str | None] | None = None
+               ) -> dict[str, Any]:
+  """Arguments to `subprocess` that run `python -m covid_jax.main` on the demo config; `env_changes` sets
+  (or, with None, removes) variables."""
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
   for name, value in (env_changes or {}).items():
     if value is None:
       env.pop(name, None)
     else:
       env[name] = value
-  return subprocess.run([sys.executable, '-m', 'covid_jax.main', '--config=configs/demo.py', f'--workdir={workdir}',
-                         *overrides], cwd=ROOT, env=env, capture_output=True, text=True)
+  return {'args': [sys.executable, '-m', 'covid_jax.main', '--config=configs/demo.py', f'--workdir={workdir}',
+                   *overrides], 'cwd': ROOT, 'env': env, 'text': True}
+
+
+def _main(workdir: Path, *overrides: str, **kwargs) -> subprocess.CompletedProcess:
+  return subprocess.run(**_main_args(workdir, *overrides, **kwargs), capture_output=True)
 
 
 def test_mistyped_override_fails(tmp_path):
@@ -430,9 +436,13 @@ def test_one_and_two_devices_agree_and_steps_go_to_the_compilation_cache(built_d
   # The one-device run uses its own configured cache: without the test-wide variable (which would take
   # precedence), and caching even quick compilations.
   own_cache = {'JAX_COMPILATION_CACHE_DIR': None, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+  runs = {}  # The two runs side by side: each compiles on about one core.
   for devices, extra, env_changes in ((1, [f'--config.compilation_cache_dir={cache}'], own_cache), (2, [], None)):
-    result = _main(tmp_path / str(devices), *overrides, *extra, devices=devices, env_changes=env_changes)
-    assert result.returncode == 0, result.stderr[-3000:]
+    with (tmp_path / f'{devices}.log').open('w') as log:
+      runs[devices] = subprocess.Popen(**_main_args(tmp_path / str(devices), *overrides, *extra, devices=devices,
+                                                    env_changes=env_changes), stdout=log, stderr=subprocess.STDOUT)
+  for devices, run in runs.items():
+    assert run.wait() == 0, (tmp_path / f'{devices}.log').read_text()[-3000:]
   for program in ('train_gradients', 'apply_update', 'eval_step'):
     assert list(cache.glob(f'jit_{program}-*')), program
   one, two = (_history(tmp_path / str(d)) for d in (1, 2))
