@@ -1,4 +1,4 @@
-"""Both max-pool formulations against TensorFlow's max pool and its gradient."""
+"""Both formulations of max and average pooling against TensorFlow's pools and their gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from covid_jax.models.pooling import max_pool
+from covid_jax.models.pooling import avg_pool, max_pool
 
 
 @pytest.mark.parametrize('impl', ['strided_slices', 'reduce_window'])
@@ -30,3 +30,36 @@ def test_matches_tensorflow_max_pool_and_gradient(shape, window, stride, impl):
 def test_unknown_implementation_is_named():
   with pytest.raises(ValueError, match="'im2col'"):
     max_pool(jnp.zeros((1, 4, 4, 1)), 2, 2, 'im2col')
+
+
+@pytest.mark.parametrize('impl', ['strided_slices', 'reduce_window'])
+@pytest.mark.parametrize('shape, window, stride, padding', [
+    ((2, 8, 8, 3), 3, 1, 'SAME'), ((2, 9, 7, 3), 3, 1, 'SAME'), ((2, 9, 8, 4), 3, 2, 'SAME'),
+    ((1, 10, 10, 2), 2, 2, 'SAME'), ((2, 9, 9, 4), 3, 2, 'VALID'), ((1, 12, 10, 2), 3, 2, 'VALID')])
+def test_matches_tensorflow_avg_pool_and_gradient(shape, window, stride, padding, impl):
+  """TensorFlow's 'SAME' average, like Keras's AveragePooling2D, leaves the padding out of each count."""
+  x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+  weight = np.random.default_rng(1).normal(size=tf.nn.avg_pool2d(x, window, stride, padding).shape)
+  x_tf = tf.constant(x)
+  with tf.GradientTape() as tape:
+    tape.watch(x_tf)
+    want = tf.nn.avg_pool2d(x_tf, window, stride, padding)
+    loss = tf.reduce_sum(want * weight)
+  want_grad = tape.gradient(loss, x_tf)
+  got_grad = jax.grad(lambda x: jnp.sum(avg_pool(x, window, stride, padding, impl) * weight))(x)
+  np.testing.assert_allclose(avg_pool(x, window, stride, padding, impl), want.numpy(), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got_grad, want_grad.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_avg_pool_leaves_explicit_padding_out_of_the_count():
+  x = np.arange(1, 10, dtype=np.float32).reshape(1, 3, 3, 1)
+  got = avg_pool(x, 3, 3, ((1, 0), (0, 0)))  # One row of zeros on top: the window holds 6 of the 9 pixels.
+  np.testing.assert_allclose(got, [[[[np.mean([1, 2, 3, 4, 5, 6])]]]])
+
+
+@pytest.mark.parametrize('impl', ['strided_slices', 'reduce_window'])
+def test_avg_pool_keeps_bfloat16(impl):
+  x = jnp.ones((1, 5, 5, 2), jnp.bfloat16)
+  got = avg_pool(x, 3, 1, 'SAME', impl)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.ones((1, 5, 5, 2)))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from covid_jax.models.conv import Conv
 from covid_jax.models.depthwise import PointwiseConv, SeparableConv
-from covid_jax.models.pooling import max_pool
+from covid_jax.models.pooling import avg_pool, max_pool
 
 LARGE = dict(penultimate_filters=4032, num_blocks=6, stem_block_filters=96, skip_reduction=True, filter_multiplier=2)
 MOBILE = dict(penultimate_filters=1056, num_blocks=4, stem_block_filters=32, skip_reduction=False, filter_multiplier=2)
@@ -37,13 +37,13 @@ def _zero_pad(x: jax.Array, kernel: int) -> jax.Array:
 
 
 def _avg_pool_same(x: jax.Array) -> jax.Array:
-  """3x3 stride-1 'same' average, not counting the padding (as Keras); Flax divides in float32: cast back."""
-  return nn.avg_pool(x, (3, 3), padding='SAME', count_include_pad=False).astype(x.dtype)
+  """3x3 stride-1 'same' average, not counting the padding (as Keras)."""
+  return avg_pool(x, 3, 1, 'SAME')
 
 
 def _avg_pool_reduce(x: jax.Array) -> jax.Array:
   """3x3 stride-2 average over explicit zero padding (the zeros count)."""
-  return nn.avg_pool(_zero_pad(x, 3), (3, 3), (2, 2))
+  return avg_pool(_zero_pad(x, 3), 3, 2)
 
 
 def _max_pool_reduce(x: jax.Array) -> jax.Array:
