@@ -2,13 +2,15 @@
 
   python scripts/benchmark_formulations.py --batch_size 8 --dtype float32
 
-covid_jax writes four ops in a formulation chosen for speed, not the textbook one
+covid_jax writes five ops in a formulation chosen for speed, not the textbook one
 (the modules' docstrings say why):
 
   depthwise  'shifted', a sum of k*k shifted products (chosen on CPU), against
              'grouped', a grouped convolution (chosen on GPU/TPU)    models/depthwise.py
   max pool   maxima of strided slices (chosen on CPU, and where windows do not
              overlap), against lax.reduce_window                    models/pooling.py
+  avg pool   sums of strided slices (chosen as the max pool's are),
+             against lax.reduce_window                              models/pooling.py
   1x1 conv   a matmul over channels (chosen everywhere), against
              a 1x1 convolution                                       models/depthwise.py
   3x3 conv   the kernel gradient as 'im2col' matmuls (chosen on CPU from
@@ -49,6 +51,9 @@ DEPTHWISE_CASES = (('nasnet_large stem', 165, 42, 7, 2), ('nasnet_large stem', 1
                    ('nasnet_large block 2', 21, 336, 5, 1), ('nasnet_large block 3', 11, 672, 3, 1))
 # (where, height = width, channels, window, stride) of VALID max pools.
 POOL_CASES = (('vgg16 pool 1', 224, 64, 2, 2), ('vgg16 pool 2', 112, 128, 2, 2), ('resnet50 stem', 114, 64, 3, 2))
+# (where, height = width, channels, stride, padding) of NASNetLarge's 3x3 average pools at 331 px.
+AVG_POOL_CASES = (('nasnet_large stem 1', 167, 42, 2, 'VALID'), ('nasnet_large block 1', 42, 168, 1, 'SAME'),
+                  ('nasnet_large block 3', 11, 672, 1, 'SAME'))
 # (where, height = width, input channels, output channels) of 1x1 convolutions.
 POINTWISE_CASES = (('resnet50 stage 1', 56, 64, 256), ('resnet50 stage 1', 56, 256, 64),
                    ('resnet50 stage 3', 14, 1024, 256), ('nasnet_large block 1', 42, 168, 168))
@@ -65,6 +70,11 @@ def depthwise_formulations(stride: int) -> dict[str, Callable]:
 
 def pool_formulations(window: int, stride: int) -> dict[str, Callable]:
   return {impl: (lambda x, _, impl=impl: pooling.max_pool(x, window, stride, impl))
+          for impl in ('strided_slices', 'reduce_window')}
+
+
+def avg_pool_formulations(stride: int, padding: str) -> dict[str, Callable]:
+  return {impl: (lambda x, _, impl=impl: pooling.avg_pool(x, 3, stride, padding, impl))
           for impl in ('strided_slices', 'reduce_window')}
 
 
@@ -179,6 +189,11 @@ def all_cases(batch_size: int, scale: int = 1) -> list[tuple[str, str, tuple, di
     cases.append(('max pool', f'{where} {w}x{w}/{s}', ((batch_size, size, size, c), (1,),
                                                         (batch_size, out, out, c)), pool_formulations(w, s),
                   pooling.resolve_impl('auto', w, s)))
+  for where, size, c, s, padding in shrink(AVG_POOL_CASES):
+    out = -(-size // s) if padding == 'SAME' else (size - 3) // s + 1
+    cases.append(('avg pool', f'{where} 3x3/{s} {padding}', ((batch_size, size, size, c), (1,),
+                                                             (batch_size, out, out, c)),
+                  avg_pool_formulations(s, padding), pooling.resolve_impl('auto', 3, s)))
   for where, size, c_in, c_out in shrink(POINTWISE_CASES):
     cases.append(('1x1 conv', f'{where} {c_in}->{c_out}', ((batch_size, size, size, c_in), (1, 1, c_in, c_out),
                                                            (batch_size, size, size, c_out)), pointwise_formulations(),
@@ -209,7 +224,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
   parser.add_argument('--batch_size', type=int, default=8)
   parser.add_argument('--dtype', choices=tuple(TOLERANCE), default='float32')
   parser.add_argument('--repeats', type=int, default=10)
-  parser.add_argument('--ops', default='depthwise,max pool,1x1 conv,3x3 conv', help='comma-separated subset')
+  parser.add_argument('--ops', default='depthwise,max pool,avg pool,1x1 conv,3x3 conv', help='comma-separated subset')
   parser.add_argument('--scale', type=int, default=1, help='divide every spatial size by this (for quick checks)')
   parser.add_argument('--json', help='also write the rows here')
   args = parser.parse_args(argv)

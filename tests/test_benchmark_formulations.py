@@ -59,3 +59,11 @@ def test_times_both_kernel_gradients_of_the_3x3_convolutions():
   assert all(r['error'] == max(r['errors'].values()) for r in rows)
   assert all(r['errors']['output'] == 0.0 for r in rows)  # One convolution computes both formulations' values.
   assert {r['formulation'] for r in rows if r['chosen']} == {'native'}
+
+
+def test_times_both_average_pools_of_nasnet():
+  rows = benchmark_formulations.main(['--batch_size', '1', '--scale', '8', '--repeats', '1', '--ops', 'avg pool'])
+  assert len(rows) == 2 * len(benchmark_formulations.AVG_POOL_CASES)
+  assert {r['formulation'] for r in rows} == {'strided_slices', 'reduce_window'}
+  assert {r['formulation'] for r in rows if r['chosen']} == {'strided_slices'}  # On this CPU.
+  assert all(r['error'] <= 1e-6 for r in rows)
