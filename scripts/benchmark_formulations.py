@@ -19,7 +19,7 @@ covid_jax writes five ops in a formulation chosen for speed, not the textbook on
 At shapes the backbones run, each formulation is jitted on the default backend and
 timed forward and forward + backward (gradients of the input and the kernel), the
 median of --repeats; the formulations take turns. They must agree at HIGHEST
-precision, relative to the largest value of each output (value, input gradient,
+precision, relative to the largest value of each output (output, input gradient,
 kernel gradient; the JSON rows hold all three), to 1e-4 in float32 and 1e-1 in
 bfloat16 (8 bits: a formulation that accumulates in it is off by a few percent, a
 wrong one by far more). Max pools are compared in float32 on inputs with no two

@@ -1,4 +1,4 @@
-"""Max pooling in the formulation fast on the backend: maxima of strided slices, or reduce_window.
+"""Max and average pooling in the formulation fast on the backend: strided slices, or reduce_window.
 
 `reduce_window` max pooling differentiates to `select_and_scatter`, which
 XLA:CPU runs about 8x slower than the same gradient through a chain of
