@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from covid_jax.models.depthwise import Padding, explicit_pads, window_taps
+from covid_jax.models.depthwise import Padding, explicit_pads, window_taps, zero_pad
 
 # 'auto' picks per backend and gradient size at trace time; the others force one formulation.
 IMPLEMENTATIONS = ('auto', 'im2col', 'native')
@@ -100,7 +100,7 @@ def im2col_kernel_gradient(x: jax.Array, g: jax.Array, window: Sequence[int], st
   (kh, kw), sh = window, strides[0]
   c_in = x.shape[-1]
   images, rows = block_shape(n, out_h, out_w, kh * kw * c_in * x.dtype.itemsize, c_out)
-  xp = lax.pad(x, np.zeros((), x.dtype), ((0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)))
+  xp = zero_pad(x, pads)
   blocks_per_image = out_h // rows
 
   def add_block(total: jax.Array, block: jax.Array) -> tuple[jax.Array, None]:

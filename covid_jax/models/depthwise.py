@@ -58,7 +58,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1,
     x = jnp.repeat(x, multiplier, axis=-1)
   # CPUs lack half-precision arithmetic: XLA would convert around every tap (3x the compile time). Use float32.
   wide = jnp.promote_types(x.dtype, jnp.float32)
-  xp = lax.pad(x.astype(wide), np.zeros((), wide), ((0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)))
+  xp = zero_pad(x.astype(wide), pads)
   y = _correlate(xp, kernel.astype(wide), strides)
   return y.astype(x.dtype)
 
@@ -68,6 +68,11 @@ def explicit_pads(spatial_shape: Sequence[int], window: Sequence[int], strides: 
   """`padding` as ((top, bottom), (left, right)), hashable (custom_vjp takes it as a static argument)."""
   pads = lax.padtype_to_pads(spatial_shape, window, strides, padding) if isinstance(padding, str) else padding
   return tuple(tuple(p) for p in pads)
+
+
+def zero_pad(x: jax.Array, pads: Sequence[tuple[int, int]]) -> jax.Array:
+  """NHWC `x` with zeros added around its two spatial axes, ((top, bottom), (left, right))."""
+  return lax.pad(x, np.zeros((), x.dtype), ((0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)))
 
 
 def window_taps(xp: jax.Array, window: Sequence[int], strides: Sequence[int]) -> list[jax.Array]:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from covid_jax.models.depthwise import Padding, explicit_pads, window_taps
+from covid_jax.models.depthwise import Padding, explicit_pads, window_taps, zero_pad
 
 
 # 'auto' picks per backend (and window overlap) at trace time; the others force one formulation.
@@ -50,12 +50,7 @@ def max_pool(x: jax.Array, window: int, stride: int, impl: str = 'auto') -> jax.
   """VALID `window` x `window` max pooling of NHWC `x` with stride `stride`."""
   if resolve_impl(impl, window, stride) == 'reduce_window':
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1), 'VALID')
-  n, height, width, c = x.shape
-  out_h, out_w = (height - window) // stride + 1, (width - window) // stride + 1
-  taps = (lax.slice(x, (0, a, b, 0), (n, a + stride * (out_h - 1) + 1, b + stride * (out_w - 1) + 1, c),
-                    (1, stride, stride, 1))
-          for a in range(window) for b in range(window))
-  return functools.reduce(jnp.maximum, taps)
+  return functools.reduce(jnp.maximum, window_taps(x, (window, window), (stride, stride)))
 
 
 def avg_pool(x: jax.Array, window: int, stride: int, padding: Padding = 'VALID', impl: str = 'auto') -> jax.Array:
@@ -66,12 +61,11 @@ def avg_pool(x: jax.Array, window: int, stride: int, padding: Padding = 'VALID',
   """
   windows, strides = (window, window), (stride, stride)
   pads = explicit_pads(x.shape[1:3], windows, strides, padding)
-  zero = np.zeros((), x.dtype)
   if resolve_impl(impl, window, stride) == 'reduce_window':
-    total = lax.reduce_window(x, zero, lax.add, (1, *windows, 1), (1, *strides, 1), ((0, 0), *pads, (0, 0)))
+    total = lax.reduce_window(x, np.zeros((), x.dtype), lax.add, (1, *windows, 1), (1, *strides, 1),
+                              ((0, 0), *pads, (0, 0)))
   else:
-    xp = lax.pad(x, zero, ((0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)))
-    total = functools.reduce(lax.add, window_taps(xp, windows, strides))
+    total = functools.reduce(lax.add, window_taps(zero_pad(x, pads), windows, strides))
   wide = jnp.promote_types(x.dtype, jnp.float32)  # Scaled in float32 at least, as flax.linen.avg_pool divides.
   scale = lax.broadcast_in_dim(jnp.asarray(_inverse_counts(x.shape[1:3], windows, strides, pads), wide),
                                total.shape, (1, 2))
