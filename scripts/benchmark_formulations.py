@@ -2,7 +2,7 @@
 
   python scripts/benchmark_formulations.py --batch_size 8 --dtype float32
 
-covid_jax writes five ops in a formulation chosen for speed, not the textbook one
+covid_jax writes six ops in a formulation chosen for speed, not the textbook one
 (the modules' docstrings say why):
 
   depthwise  'shifted', a sum of k*k shifted products (chosen on CPU), against
@@ -15,6 +15,9 @@ covid_jax writes five ops in a formulation chosen for speed, not the textbook on
              a 1x1 convolution                                       models/depthwise.py
   3x3 conv   the kernel gradient as 'im2col' matmuls (chosen on CPU from
              4 GFLOP), against XLA's 'native' one                     models/conv.py
+  rgb conv   the first layer's forward pass as broadcast 'products' (chosen
+             on CPU up to 27 per output value), against XLA's 'native'
+             convolution                                             models/conv.py
 
 At shapes the backbones run, each formulation is jitted on the default backend and
 timed forward and forward + backward (gradients of the input and the kernel), the
@@ -60,6 +63,9 @@ POINTWISE_CASES = (('resnet50 stage 1', 56, 64, 256), ('resnet50 stage 1', 56, 2
 # (where, height = width, input channels, output channels) of SAME 3x3 convolutions.
 CONV_CASES = (('vgg16 block 1', 224, 64, 64), ('vgg16 block 2', 112, 128, 128), ('vgg16 block 4', 28, 512, 512),
               ('resnet50 stage 1', 56, 64, 64))
+# (where, height = width, window, stride, padding, output channels) of the first layers, over RGB.
+RGB_CONV_CASES = (('vgg16 block 1', 224, 3, 1, 'SAME', 64), ('nasnet_mobile stem', 224, 3, 2, 'VALID', 32),
+                  ('nasnet_large stem', 331, 3, 2, 'VALID', 96), ('resnet50 stem', 224, 7, 2, ((3, 3), (3, 3)), 64))
 TOLERANCE = {'float32': 1e-4, 'bfloat16': 1e-1}
 
 
@@ -84,8 +90,9 @@ def pointwise_formulations() -> dict[str, Callable]:
   return {'matmul': lambda x, k: jnp.dot(x, k[0, 0]), 'convolution': convolution}
 
 
-def conv_formulations() -> dict[str, Callable]:
-  return {impl: (lambda x, k, impl=impl: conv.conv2d(x, k, (1, 1), 'SAME', impl)) for impl in ('im2col', 'native')}
+def conv_formulations(stride: int = 1, padding: depthwise.Padding = 'SAME',
+                      impls: tuple[str, str] = ('im2col', 'native')) -> dict[str, Callable]:
+  return {impl: (lambda x, k, impl=impl: conv.conv2d(x, k, (stride, stride), padding, impl)) for impl in impls}
 
 
 def forward_and_backward(fn: Callable) -> Callable:
@@ -202,7 +209,14 @@ def all_cases(batch_size: int, scale: int = 1) -> list[tuple[str, str, tuple, di
     x_shape, kernel_shape = (batch_size, size, size, c_in), (3, 3, c_in, c_out)
     flops = conv.kernel_gradient_flops(np.prod(x_shape[:3]), kernel_shape)  # SAME, stride 1: output size = input's.
     cases.append(('3x3 conv', f'{where} {c_in}->{c_out}', (x_shape, kernel_shape, (batch_size, size, size, c_out)),
-                  conv_formulations(), conv.resolve_impl('auto', flops)))
+                  conv_formulations(), conv.resolve_impl('auto', flops, 9 * c_in)))
+  for where, size, k, s, padding, c_out in shrink(RGB_CONV_CASES):
+    x_shape, kernel_shape = (batch_size, size, size, 3), (k, k, 3, c_out)
+    pads = depthwise.explicit_pads((size, size), (k, k), (s, s), padding)
+    out = (size + sum(pads[0]) - k) // s + 1
+    flops = conv.kernel_gradient_flops(batch_size * out * out, kernel_shape)
+    cases.append(('rgb conv', f'{where} {k}x{k}/{s}', (x_shape, kernel_shape, (batch_size, out, out, c_out)),
+                  conv_formulations(s, padding, ('products', 'native')), conv.resolve_impl('auto', flops, k * k * 3)))
   return cases
 
 
@@ -224,7 +238,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
   parser.add_argument('--batch_size', type=int, default=8)
   parser.add_argument('--dtype', choices=tuple(TOLERANCE), default='float32')
   parser.add_argument('--repeats', type=int, default=10)
-  parser.add_argument('--ops', default='depthwise,max pool,avg pool,1x1 conv,3x3 conv', help='comma-separated subset')
+  parser.add_argument('--ops', default='depthwise,max pool,avg pool,1x1 conv,3x3 conv,rgb conv',
+                      help='comma-separated subset')
   parser.add_argument('--scale', type=int, default=1, help='divide every spatial size by this (for quick checks)')
   parser.add_argument('--json', help='also write the rows here')
   args = parser.parse_args(argv)

@@ -67,3 +67,15 @@ def test_times_both_average_pools_of_nasnet():
   assert {r['formulation'] for r in rows} == {'strided_slices', 'reduce_window'}
   assert {r['formulation'] for r in rows if r['chosen']} == {'strided_slices'}  # On this CPU.
   assert all(r['error'] <= 1e-6 for r in rows)
+
+
+def test_times_both_forward_passes_of_the_first_layers():
+  rows = benchmark_formulations.main(['--batch_size', '1', '--scale', '16', '--repeats', '1', '--ops', 'rgb conv'])
+  assert len(rows) == 2 * len(benchmark_formulations.RGB_CONV_CASES)
+  assert {r['formulation'] for r in rows} == {'products', 'native'}
+  assert all(r['error'] <= 1e-5 for r in rows)
+  assert all(r['errors']['input gradient'] == 0.0 for r in rows)  # XLA's gradients in both formulations.
+  # On this CPU: the 3x3 layers over RGB (27 products per value) take products, ResNet50's 7x7 stem does not.
+  chosen = {r['where'].split(' ')[0]: r['formulation'] for r in rows if r['chosen']}
+  assert chosen == {'vgg16': 'products', 'nasnet_mobile': 'products', 'nasnet_large': 'products',
+                    'resnet50': 'native'}

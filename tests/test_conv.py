@@ -1,4 +1,4 @@
-"""Both kernel-gradient formulations of the convolution against Keras Conv2D on TensorFlow, values and gradients."""
+"""Every formulation of the convolution against Keras Conv2D on TensorFlow, values and gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,7 @@ BLOCKS = {'chosen': None, 'rows': lambda n, out_h: (1, _largest_proper_divisor(o
 
 
 @pytest.mark.parametrize('impl, blocks', [('native', 'chosen'), ('im2col', 'chosen'), ('im2col', 'rows'),
-                                          ('im2col', 'images')])
+                                          ('im2col', 'images'), ('products', 'chosen')])
 @pytest.mark.parametrize('batch, height, width, c_in, c_out, window, stride, padding', CASES)
 def test_matches_keras_conv2d_and_its_gradients(batch, height, width, c_in, c_out, window, stride, padding, impl,
                                                 blocks, monkeypatch):
@@ -100,7 +100,28 @@ def test_auto_takes_im2col_on_the_cpu_for_large_gradients_only(batch, want):
   x, kernel = jax.ShapeDtypeStruct((batch, 112, 112, 128), jnp.float32), jnp.zeros((3, 3, 128, 128))
   jaxpr = jax.make_jaxpr(lambda x: conv.conv2d(x, kernel))(x)
   assert ('custom_vjp_call' in str(jaxpr)) == (want == 'im2col')
-  assert conv.resolve_impl('native', 1e15) == 'native'
+  assert conv.resolve_impl('native', 1e15, 9) == 'native'
+
+
+@pytest.mark.parametrize('window, c_in, want', [(3, 3, 'products'), (7, 3, 'convolution'), (3, 4, 'convolution'),
+                                                (1, 27, 'products')])
+def test_auto_takes_products_on_the_cpu_up_to_27_per_output_value(window, c_in, want):
+  # VGG16's and NASNet's first layers (3x3 over RGB) take them; ResNet50's 7x7 stem (147) does not.
+  assert jax.default_backend() == 'cpu' and conv.PRODUCTS_MAX_TERMS == 27
+  kernel = jnp.zeros((window, window, c_in, 8))
+  jaxpr = str(jax.make_jaxpr(lambda x: conv.conv2d(x, kernel, (2, 2), 'VALID'))(jnp.zeros((1, 16, 16, c_in))))
+  assert ('conv_general_dilated' in jaxpr) == (want == 'convolution')
+
+
+def test_bfloat16_products_stay_bfloat16_within_input_rounding():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 12, 12, 3)).astype(np.float32)
+  kernel = rng.normal(size=(3, 3, 3, 5)).astype(np.float32)
+  want = tf.nn.conv2d(x, kernel, 2, 'VALID').numpy()
+  got = conv.conv2d(jnp.asarray(x, jnp.bfloat16), jnp.asarray(kernel, jnp.bfloat16), (2, 2), 'VALID', 'products')
+  assert got.dtype == jnp.bfloat16
+  # Inputs and output each rounded to 8 bits (2^-9 relative), the sum taken in float32.
+  np.testing.assert_allclose(np.float32(got), want, rtol=0, atol=0.02 * np.abs(want).max())
 
 
 def test_unknown_implementation_is_named():

@@ -1,4 +1,4 @@
-"""Keras Conv2D, with its kernel gradient in the formulation fast on the backend.
+"""Keras Conv2D, with its forward pass and kernel gradient in the formulations fast on the backend.
 
 A train step computes three convolutions per layer: the forward pass, the
 gradient with respect to the input, and the gradient with respect to the
@@ -11,8 +11,17 @@ cache, the same gradient runs as fast or up to 5.5x faster for every large one:
 VGG16's layers, ResNet50's at batch 32 (BENCHMARKS.md). For small gradients
 the patch copies cost more than they save (ResNet50's 56 px 3x3 layers at
 batch 8: 31 against 22 ms), so 'auto' takes im2col on the CPU from 4 GFLOP up;
-other backends have native kernel gradients. Forward values are XLA's
-convolution either way; the two kernel gradients agree to float32 rounding.
+other backends have native kernel gradients. The two kernel gradients agree to
+float32 rounding.
+
+A convolution of few input channels (the first layer's RGB) is a poor fit for
+XLA:CPU's convolution kernels: NASNet's stem, 3x3/2 over RGB, ran at 4 GFLOP/s.
+Written as a sum over the window's taps and the input channels of one input
+channel times a row of the kernel (27 broadcast products for 3x3 over RGB), one
+elementwise fusion, it ran 2-6x faster (VGG16's first layer, NASNet's stems);
+over 7x7 (147 products, ResNet50's stem) it was 2.4x slower. So 'auto' takes
+these 'products' on the CPU up to PRODUCTS_MAX_TERMS products per output value;
+their gradients are XLA's. Elsewhere the forward pass is XLA's convolution.
 """
 
 import functools
@@ -27,23 +36,35 @@ from jax import lax
 
 from covid_jax.models.depthwise import Padding, explicit_pads, window_taps, zero_pad
 
-# 'auto' picks per backend and gradient size at trace time; the others force one formulation.
-IMPLEMENTATIONS = ('auto', 'im2col', 'native')
+# 'auto' picks per backend and size at trace time; the others force one formulation:
+# 'native' (XLA's forward and gradients), 'im2col' (its kernel gradient as matmuls), 'products' (the
+# forward pass as broadcast products).
+IMPLEMENTATIONS = ('auto', 'im2col', 'native', 'products')
 # Kernel-gradient FLOPs from which 'auto' takes im2col on the CPU.
 IM2COL_MIN_FLOPS = 4e9
+# Products per output value (window taps x input channels) up to which 'auto' takes 'products' on the CPU.
+PRODUCTS_MAX_TERMS = 27
 # Patch bytes of one block of the im2col kernel gradient: a few MiB stay in a CPU's cache.
 PATCH_BLOCK_BYTES = 4 * 2**20
 
 _DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 
 
-def resolve_impl(impl: str, flops: float) -> str:
-  """The kernel-gradient formulation `impl` stands for on the default backend, for a gradient of `flops`."""
+def resolve_impl(impl: str, flops: float, terms: int) -> str:
+  """The formulation `impl` stands for on the default backend.
+
+  For a convolution whose kernel gradient takes `flops` and whose output values each sum `terms`
+  products (window taps x input channels).
+  """
   if impl not in IMPLEMENTATIONS:
-    raise ValueError(f'Unknown kernel-gradient implementation {impl!r}; known: {IMPLEMENTATIONS}')
-  if impl == 'auto':
-    return 'im2col' if jax.default_backend() == 'cpu' and flops >= IM2COL_MIN_FLOPS else 'native'
-  return impl
+    raise ValueError(f'Unknown convolution implementation {impl!r}; known: {IMPLEMENTATIONS}')
+  if impl != 'auto':
+    return impl
+  if jax.default_backend() != 'cpu':
+    return 'native'
+  if terms <= PRODUCTS_MAX_TERMS:
+    return 'products'
+  return 'im2col' if flops >= IM2COL_MIN_FLOPS else 'native'
 
 
 def kernel_gradient_flops(output_pixels: int, kernel_shape: Sequence[int]) -> int:
@@ -53,7 +74,7 @@ def kernel_gradient_flops(output_pixels: int, kernel_shape: Sequence[int]) -> in
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), padding: Padding = 'SAME',
            impl: str = 'auto') -> jax.Array:
-  """2D convolution of NHWC `x` with an HWIO `kernel`; `impl` chooses how its kernel gradient is computed.
+  """2D convolution of NHWC `x` with an HWIO `kernel`; `impl` chooses its formulation (IMPLEMENTATIONS).
 
   `padding` is 'SAME' (TensorFlow's), 'VALID', or explicit ((top, bottom), (left, right)) zero padding.
   """
@@ -61,8 +82,12 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), pad
   window = kernel.shape[:2]
   pads = explicit_pads(x.shape[1:3], window, strides, padding)
   out_h, out_w = ((size + lo + hi - k) // s + 1 for size, (lo, hi), k, s in zip(x.shape[1:3], pads, window, strides))
-  if resolve_impl(impl, kernel_gradient_flops(x.shape[0] * out_h * out_w, kernel.shape)) == 'native':
+  impl = resolve_impl(impl, kernel_gradient_flops(x.shape[0] * out_h * out_w, kernel.shape),
+                      int(np.prod(kernel.shape[:3])))
+  if impl == 'native':
     return _conv(x, kernel, strides, pads)
+  if impl == 'products':
+    return _conv_products(x, kernel, strides, pads)
   return _conv_im2col_gradient(x, kernel, strides, pads)
 
 
@@ -87,6 +112,41 @@ def _conv_im2col_gradient_bwd(strides, pads, residuals, g):
 
 
 _conv_im2col_gradient.defvjp(_conv_im2col_gradient_fwd, _conv_im2col_gradient_bwd)
+
+
+def broadcast_products(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                       pads: Sequence[tuple[int, int]]) -> jax.Array:
+  """The convolution as a sum, over taps and input channels, of one input channel times a kernel row.
+
+  In float32 (CPUs lack half-precision arithmetic), in lax: jnp's operators cost far more to trace.
+  """
+  wide = jnp.promote_types(x.dtype, jnp.float32)
+  taps = window_taps(zero_pad(x.astype(wide), pads), kernel.shape[:2], strides)
+  c_in, c_out = kernel.shape[2:]
+  rows = kernel.astype(wide).reshape(len(taps) * c_in, c_out)
+  shape = (*taps[0].shape[:3], c_out)
+  products = (lax.mul(lax.broadcast_in_dim(lax.slice_in_dim(tap, c, c + 1, axis=3), shape, (0, 1, 2, 3)),
+                      lax.broadcast_in_dim(lax.index_in_dim(rows, t * c_in + c, keepdims=False), shape, (3,)))
+              for t, tap in enumerate(taps) for c in range(c_in))
+  return functools.reduce(lax.add, products).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_products(x, kernel, strides, pads):
+  return broadcast_products(x, kernel, strides, pads)
+
+
+def _conv_products_fwd(x, kernel, strides, pads):
+  return broadcast_products(x, kernel, strides, pads), (x, kernel)
+
+
+def _conv_products_bwd(strides, pads, residuals, g):
+  """XLA's gradients: differentiating the products would give one reduction over g per product."""
+  _, vjp = jax.vjp(lambda x, kernel: _conv(x, kernel, strides, pads), *residuals)
+  return vjp(g)
+
+
+_conv_products.defvjp(_conv_products_fwd, _conv_products_bwd)
 
 
 def im2col_kernel_gradient(x: jax.Array, g: jax.Array, window: Sequence[int], strides: Sequence[int],
