@@ -174,6 +174,36 @@ def test_depthwise_conv_and_gradients_match_tensorflow(impl, multiplier, stride,
   assert relative_error(got_dkernel.reshape(kernel.shape), want_dkernel) <= 1e-6
 
 
+@pytest.mark.parametrize('images_per_block', (1, 2))
+@pytest.mark.parametrize('stride', (1, 2))
+def test_shifted_kernel_gradient_in_blocks_of_images_matches_tensorflow(images_per_block, stride, monkeypatch):
+  batch, height, width, channels, window = 4, 11, 8, 3, (3, 5)
+  pads = depthwise.explicit_pads((height, width), window, (stride, stride), 'SAME')
+  padded_pixels = (height + sum(pads[0])) * (width + sum(pads[1]))
+  out_pixels = -(-height // stride) * -(-width // stride)
+  monkeypatch.setattr(depthwise, 'KERNEL_GRADIENT_BLOCK_BYTES', images_per_block * 4 * channels
+                      * (padded_pixels + out_pixels))
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(batch, height, width, channels)).astype(np.float32)
+  kernel = rng.normal(size=(*window, channels, 1)).astype(np.float32)  # TensorFlow's (h, w, C, multiplier).
+  x_tf, kernel_tf = tf.constant(x), tf.constant(kernel)
+  with tf.GradientTape() as tape:
+    tape.watch(kernel_tf)
+    want = tf.nn.depthwise_conv2d(x_tf, kernel_tf, (1, stride, stride, 1), 'SAME')
+    weight = rng.normal(size=want.shape).astype(np.float32)
+    loss = tf.reduce_sum(want * weight)
+  want_dkernel = tape.gradient(loss, kernel_tf)
+
+  def kernel_gradient(grouped_kernel):
+    _, vjp = jax.vjp(lambda k: depthwise.depthwise_conv(x, k, (stride, stride), 'SAME', 'shifted'), grouped_kernel)
+    return vjp(jnp.asarray(weight))[0]
+
+  grouped_kernel = kernel.reshape(*window, 1, channels)
+  assert f'length={batch // images_per_block}' in str(jax.make_jaxpr(kernel_gradient)(grouped_kernel))
+  got_dkernel = kernel_gradient(grouped_kernel)
+  assert relative_error(got_dkernel.reshape(kernel.shape), want_dkernel) <= 1e-6
+
+
 @pytest.mark.parametrize('impl', IMPLS)
 def test_depthwise_conv_in_bfloat16_returns_bfloat16(impl):
   rng = np.random.default_rng(0)

@@ -6,7 +6,7 @@ on the backend. XLA:CPU runs a grouped convolution with one channel per group
 same computation written as a sum of k*k shifted elementwise products
 (strided slices of the padded input times one kernel tap each) fuses into a
 single loop as fast as TensorFlow's; its backward pass is written by hand so
-it stays one loop too. On GPU/TPU the grouped convolution is the native
+it stays one loop too (the kernel gradient's, a block of images at a time). On GPU/TPU the grouped convolution is the native
 depthwise kernel. Both read the kernel in grouped-conv layout
 (h, w, 1, C * multiplier), so parameters do not depend on the choice.
 
@@ -26,6 +26,8 @@ from jax import lax
 
 # 'auto' picks per backend at trace time; the others force one formulation.
 IMPLEMENTATIONS = ('auto', 'shifted', 'grouped')
+# Bytes of padded input and cotangent per block of the shifted form's kernel gradient: a few images stay in cache.
+KERNEL_GRADIENT_BLOCK_BYTES = 2**20
 
 Padding = str | Sequence[tuple[int, int]]
 
@@ -112,16 +114,37 @@ def _correlate_bwd(strides, residuals, g):
   spread = lax.pad(g, zero, ((0, 0, 0), (kh - 1, kh - 1, sh - 1), (kw - 1, kw - 1, sw - 1), (0, 0, 0)))
   d_xp = _correlate(spread, lax.rev(kernel, (0, 1)), (1, 1))
   d_xp = lax.pad(d_xp, zero, [(0, xp.shape[i] - d_xp.shape[i], 0) for i in range(4)])
-
-  # A tap's gradient is its input slice times g, summed: one variadic reduction computes all k*k sums in a
-  # single pass over g (1.2-1.6x faster than a loop over taps, ~5x faster than one reduction per tap).
-  products = [lax.mul(tap, g) for tap in window_taps(xp, (kh, kw), strides)]
-  zeros = [zero] * len(products)
-  sums = lax.reduce(products, zeros, lambda a, b: [u + v for u, v in zip(a, b)], (0, 1, 2))
-  return d_xp, jnp.stack(sums).reshape(kernel.shape).astype(kernel.dtype)
+  return d_xp, kernel_gradient(xp, g, (kh, kw), strides).reshape(kernel.shape).astype(kernel.dtype)
 
 
 _correlate.defvjp(_correlate_fwd, _correlate_bwd)
+
+
+def kernel_gradient(xp: jax.Array, g: jax.Array, window: Sequence[int], strides: Sequence[int]) -> jax.Array:
+  """(taps, C): each tap's input slice of padded `xp` times the cotangent `g`, summed over the batch and pixels.
+
+  One variadic reduction computes all k*k sums in a single pass over g (1.2-1.6x faster than a loop over taps,
+  ~5x faster than one reduction per tap). Over a batch larger than the cache that pass still ran 2-3x slower
+  than a scan over blocks of whole images, at most KERNEL_GRADIENT_BLOCK_BYTES of xp and g together.
+  """
+  n = g.shape[0]
+  image_bytes = (xp.size + g.size) // n * xp.dtype.itemsize
+  images = max([d for d in range(1, n + 1) if n % d == 0 and d * image_bytes <= KERNEL_GRADIENT_BLOCK_BYTES] or [1])
+
+  def tap_sums(xp_block: jax.Array, g_block: jax.Array) -> jax.Array:
+    products = [lax.mul(tap, g_block) for tap in window_taps(xp_block, window, strides)]
+    zeros = [np.zeros((), g.dtype)] * len(products)
+    return jnp.stack(lax.reduce(products, zeros, lambda a, b: [u + v for u, v in zip(a, b)], (0, 1, 2)))
+
+  if images == n:
+    return tap_sums(xp, g)
+
+  def add_block(total: jax.Array, block: jax.Array) -> tuple[jax.Array, None]:
+    return total + tap_sums(lax.dynamic_slice_in_dim(xp, block * images, images),
+                            lax.dynamic_slice_in_dim(g, block * images, images)), None
+
+  total, _ = lax.scan(add_block, jnp.zeros((window[0] * window[1], g.shape[-1]), g.dtype), jnp.arange(n // images))
+  return total
 
 
 class DepthwiseConv(nn.Module):
