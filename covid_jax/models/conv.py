@@ -25,7 +25,7 @@ their gradients are XLA's. Elsewhere the forward pass is XLA's convolution.
 """
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -95,23 +95,35 @@ def _conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: tuple
   return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DIMENSIONS)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_im2col_gradient(x, kernel, strides, pads):
-  return _conv(x, kernel, strides, pads)
+def _formulated(forward: Callable, kernel_gradient: Callable) -> Callable:
+  """A convolution that `forward` computes, differentiated by XLA for its input and by `kernel_gradient` for its kernel.
+
+  The result and `forward` take (x, kernel, strides, pads); `kernel_gradient` takes (x, g, kernel, strides, pads).
+  """
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+  def convolution(x, kernel, strides, pads):
+    return forward(x, kernel, strides, pads)
+
+  def convolution_fwd(x, kernel, strides, pads):
+    return forward(x, kernel, strides, pads), (x, kernel)
+
+  def convolution_bwd(strides, pads, residuals, g):
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(lambda x: _conv(x, kernel, strides, pads), x)
+    (d_x,) = input_vjp(g)
+    return d_x, kernel_gradient(x, g, kernel, strides, pads)
+
+  convolution.defvjp(convolution_fwd, convolution_bwd)
+  return convolution
 
 
-def _conv_im2col_gradient_fwd(x, kernel, strides, pads):
-  return _conv(x, kernel, strides, pads), (x, kernel)
+def _native_kernel_gradient(x, g, kernel, strides, pads):
+  _, kernel_vjp = jax.vjp(lambda kernel: _conv(x, kernel, strides, pads), kernel)
+  return kernel_vjp(g)[0]
 
 
-def _conv_im2col_gradient_bwd(strides, pads, residuals, g):
-  x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda x: _conv(x, kernel, strides, pads), x)
-  (d_x,) = input_vjp(g)
-  return d_x, im2col_kernel_gradient(x, g, kernel.shape[:2], strides, pads).astype(kernel.dtype)
-
-
-_conv_im2col_gradient.defvjp(_conv_im2col_gradient_fwd, _conv_im2col_gradient_bwd)
+def _im2col_kernel_gradient(x, g, kernel, strides, pads):
+  return im2col_kernel_gradient(x, g, kernel.shape[:2], strides, pads).astype(kernel.dtype)
 
 
 def broadcast_products(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
@@ -131,22 +143,11 @@ def broadcast_products(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
   return functools.reduce(lax.add, products).astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_products(x, kernel, strides, pads):
-  return broadcast_products(x, kernel, strides, pads)
-
-
-def _conv_products_fwd(x, kernel, strides, pads):
-  return broadcast_products(x, kernel, strides, pads), (x, kernel)
-
-
-def _conv_products_bwd(strides, pads, residuals, g):
-  """XLA's gradients: differentiating the products would give one reduction over g per product."""
-  _, vjp = jax.vjp(lambda x, kernel: _conv(x, kernel, strides, pads), *residuals)
-  return vjp(g)
-
-
-_conv_products.defvjp(_conv_products_fwd, _conv_products_bwd)
+# XLA's forward pass and input gradient, the kernel gradient as im2col matmuls.
+_conv_im2col_gradient = _formulated(_conv, _im2col_kernel_gradient)
+# The forward pass as broadcast products, XLA's gradients: differentiating the products would take one
+# reduction over the output cotangent per product.
+_conv_products = _formulated(broadcast_products, _native_kernel_gradient)
 
 
 def im2col_kernel_gradient(x: jax.Array, g: jax.Array, window: Sequence[int], strides: Sequence[int],

@@ -6,9 +6,10 @@ on the backend. XLA:CPU runs a grouped convolution with one channel per group
 same computation written as a sum of k*k shifted elementwise products
 (strided slices of the padded input times one kernel tap each) fuses into a
 single loop as fast as TensorFlow's; its backward pass is written by hand so
-it stays one loop too (the kernel gradient's, a block of images at a time). On GPU/TPU the grouped convolution is the native
-depthwise kernel. Both read the kernel in grouped-conv layout
-(h, w, 1, C * multiplier), so parameters do not depend on the choice.
+it stays one loop too (the kernel gradient's, a block of images at a time).
+On GPU/TPU the grouped convolution is the native depthwise kernel. Both read
+the kernel in grouped-conv layout (h, w, 1, C * multiplier), so parameters do
+not depend on the choice.
 
 A 1x1 convolution is likewise written as a matmul over channels: XLA:CPU runs
 it 2-4x faster than the equivalent convolution op.
