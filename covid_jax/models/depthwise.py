@@ -108,14 +108,32 @@ def _correlate_fwd(xp, kernel, strides):
 def _correlate_bwd(strides, residuals, g):
   """Written by hand: autodiff gives the kernel one reduction per tap, ~10x the compile and run time."""
   xp, kernel = residuals
-  (kh, kw), (sh, sw) = kernel.shape[:2], strides
+  return (_input_gradient(g, kernel, xp.shape[1:3], strides),
+          kernel_gradient(xp, g, kernel.shape[:2], strides).reshape(kernel.shape).astype(kernel.dtype))
+
+
+def _input_gradient(g: jax.Array, kernel: jax.Array, padded_shape: Sequence[int], strides: Sequence[int]) -> jax.Array:
+  """Each tap's product scattered back onto the padded input, one stride phase at a time.
+
+  Padded-input row q * s + r receives g[q - j] * kernel[j * s + r] over j: for each phase (r, c) that is a
+  stride-1 correlation of the zero-padded g with the flipped sub-kernel kernel[r::s, c::s], spread onto its
+  rows and columns by interior padding. Correlating the stride-dilated g with the whole flipped kernel
+  instead multiplies 3/4 of the terms by zeros at stride 2, and took 1.5-2.3x as long at NASNet's sizes.
+  """
+  (sh, sw), (kh, kw), (_, out_h, out_w, _) = strides, kernel.shape[:2], g.shape
   zero = np.zeros((), g.dtype)
-  # Each tap scattered g back onto xp: correlate the stride-dilated, (k - 1)-padded g with the flipped kernel,
-  # then zero the rows/columns past the last window.
-  spread = lax.pad(g, zero, ((0, 0, 0), (kh - 1, kh - 1, sh - 1), (kw - 1, kw - 1, sw - 1), (0, 0, 0)))
-  d_xp = _correlate(spread, lax.rev(kernel, (0, 1)), (1, 1))
-  d_xp = lax.pad(d_xp, zero, [(0, xp.shape[i] - d_xp.shape[i], 0) for i in range(4)])
-  return d_xp, kernel_gradient(xp, g, (kh, kw), strides).reshape(kernel.shape).astype(kernel.dtype)
+  total = None
+  for r in range(min(sh, kh)):  # A stride wider than the kernel leaves phases without taps.
+    for c in range(min(sw, kw)):
+      sub_kernel = lax.rev(kernel[r::sh, c::sw], (0, 1))
+      jh, jw = sub_kernel.shape[:2]
+      rows, cols = -(-(padded_shape[0] - r) // sh), -(-(padded_shape[1] - c) // sw)
+      padded = lax.pad(g, zero, ((0, 0, 0), (jh - 1, rows - out_h, 0), (jw - 1, cols - out_w, 0), (0, 0, 0)))
+      phase = _correlate(padded, sub_kernel, (1, 1))
+      spread = lax.pad(phase, zero, ((0, 0, 0), (r, padded_shape[0] - r - sh * (rows - 1) - 1, sh - 1),
+                                     (c, padded_shape[1] - c - sw * (cols - 1) - 1, sw - 1), (0, 0, 0)))
+      total = spread if total is None else lax.add(total, spread)
+  return total
 
 
 _correlate.defvjp(_correlate_fwd, _correlate_bwd)
