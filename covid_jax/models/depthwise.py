@@ -118,12 +118,13 @@ def _input_gradient(g: jax.Array, kernel: jax.Array, padded_shape: Sequence[int]
   Padded-input row q * s + r receives g[q - j] * kernel[j * s + r] over j: for each phase (r, c) that is a
   stride-1 correlation of the zero-padded g with the flipped sub-kernel kernel[r::s, c::s], spread onto its
   rows and columns by interior padding. Correlating the stride-dilated g with the whole flipped kernel
-  instead multiplies 3/4 of the terms by zeros at stride 2, and took 1.5-2.3x as long at NASNet's sizes.
+  instead multiplies 3/4 of the terms by zeros at stride 2, and took 2-4x as long at NASNet's sizes.
   """
   (sh, sw), (kh, kw), (n, out_h, out_w, channels) = strides, kernel.shape[:2], g.shape
   zero = np.zeros((), g.dtype)
-  # Phase (0, 0) has the most taps and rows: g padded once for it, and sliced for the others.
-  (most_h, most_w), (rows_0, cols_0) = (-(-kh // sh), -(-kw // sw)), (-(-padded_shape[0] // sh), -(-padded_shape[1] // sw))
+  # Phase (0, 0) has the most taps and rows: g is padded once for it, and sliced for the others.
+  most_h, most_w = -(-kh // sh), -(-kw // sw)
+  rows_0, cols_0 = -(-padded_shape[0] // sh), -(-padded_shape[1] // sw)
   padded = lax.pad(g, zero, ((0, 0, 0), (most_h - 1, rows_0 - out_h, 0), (most_w - 1, cols_0 - out_w, 0), (0, 0, 0)))
   total = None
   for r in range(min(sh, kh)):  # A stride wider than the kernel leaves phases without taps.
