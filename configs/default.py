@@ -37,6 +37,10 @@ def get_config() -> ml_collections.ConfigDict:
       # fine-tune then needs far less memory (NASNetLarge, batch 8: 1.75 against 4.47 GiB), for one
       # more forward pass per step (no slower on a 2-core CPU) and a longer compile.
       'remat': config_dict.placeholder(bool),
+      # A block's normal cells after the first as one lax.scan: a shorter compile for NASNetLarge
+      # (the preset's choice), but a slower step, since the scan stacks each cell's activations;
+      # NASNetMobile's preset runs its cells unrolled.
+      'scan_cells': config_dict.placeholder(bool),
   })
   # Backbone BatchNorm momentum; None keeps Keras's (ResNet50 0.99, NASNet 0.9997). Training a
   # backbone from scratch for a few hundred steps needs a faster one: at 0.9997 the moving

@@ -19,7 +19,8 @@ from covid_jax.models.depthwise import PointwiseConv, SeparableConv
 from covid_jax.models.pooling import avg_pool, max_pool
 
 LARGE = dict(penultimate_filters=4032, num_blocks=6, stem_block_filters=96, skip_reduction=True, filter_multiplier=2)
-MOBILE = dict(penultimate_filters=1056, num_blocks=4, stem_block_filters=32, skip_reduction=False, filter_multiplier=2)
+MOBILE = dict(penultimate_filters=1056, num_blocks=4, stem_block_filters=32, skip_reduction=False, filter_multiplier=2,
+              scan_cells=False)  # Unrolled, its 3 cells per scan compiled no slower and ran 8-12% faster (CPU).
 
 _BN_MOMENTUM = 0.9997
 _BN_EPSILON = 1e-3
@@ -184,7 +185,9 @@ class NASNet(_Layers):
   `scan_cells`, the normal cells of a block from the second on run as one
   `lax.scan` over their stacked variables, so XLA compiles that cell once per
   block instead of once per cell; the variables keep their Keras names and
-  values either way. With `remat`, every cell is recomputed in the backward
+  values either way. The scan costs time in each step (its residuals are
+  stacked and unstacked): NASNetLarge keeps it for its 5 cells per scan,
+  NASNetMobile runs unrolled. With `remat`, every cell is recomputed in the backward
   pass instead of keeping its activations: far less memory, the same values.
   """
 
