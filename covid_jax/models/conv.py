@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from covid_jax.models.depthwise import Padding, explicit_pads, window_taps, zero_pad
+from covid_jax.models.depthwise import Padding, divisors, explicit_pads, window_taps, zero_pad
 
 # 'auto' picks per backend and size at trace time; the others force one formulation:
 # 'native' (XLA's forward and gradients), 'im2col' (its kernel gradient as matmuls), 'products' (the
@@ -185,15 +185,11 @@ def block_shape(n: int, out_h: int, out_w: int, patch_pixel_bytes: int, c_out: i
   while holding at least c_out pixels (the matmul then outweighs the accumulation of its
   patch-channels x c_out product); where no block does both, the smallest that holds c_out pixels.
   """
-  shapes = [(1, r) for r in _divisors(out_h)] + [(i, out_h) for i in _divisors(n) if i > 1]
+  shapes = [(1, r) for r in divisors(out_h)] + [(i, out_h) for i in divisors(n) if i > 1]
   pixels = [images * rows * out_w for images, rows in shapes]
   large_enough = [(p, shape) for p, shape in zip(pixels, shapes) if p >= c_out] or [(pixels[-1], shapes[-1])]
   in_cache = [(p, shape) for p, shape in large_enough if p * patch_pixel_bytes <= PATCH_BLOCK_BYTES]
   return max(in_cache)[1] if in_cache else min(large_enough)[1]
-
-
-def _divisors(n: int) -> list[int]:
-  return [d for d in range(1, n + 1) if n % d == 0]
 
 
 class Conv(nn.Module):

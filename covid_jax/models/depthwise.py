@@ -153,7 +153,7 @@ def kernel_gradient(xp: jax.Array, g: jax.Array, window: Sequence[int], strides:
   """
   n = g.shape[0]
   image_bytes = (xp.size + g.size) // n * xp.dtype.itemsize
-  images = max([d for d in range(1, n + 1) if n % d == 0 and d * image_bytes <= KERNEL_GRADIENT_BLOCK_BYTES] or [1])
+  images = max([d for d in divisors(n) if d * image_bytes <= KERNEL_GRADIENT_BLOCK_BYTES] or [1])
 
   def tap_sums(xp_block: jax.Array, g_block: jax.Array) -> jax.Array:
     products = [lax.mul(tap, g_block) for tap in window_taps(xp_block, window, strides)]
@@ -169,6 +169,11 @@ def kernel_gradient(xp: jax.Array, g: jax.Array, window: Sequence[int], strides:
 
   total, _ = lax.scan(add_block, jnp.zeros((window[0] * window[1], g.shape[-1]), g.dtype), jnp.arange(n // images))
   return total
+
+
+def divisors(n: int) -> list[int]:
+  """The divisors of `n`, ascending: the block sizes that split a batch (or rows) into equal blocks."""
+  return [d for d in range(1, n + 1) if n % d == 0]
 
 
 class DepthwiseConv(nn.Module):
