@@ -79,3 +79,11 @@ def test_times_both_forward_passes_of_the_first_layers():
   chosen = {r['where'].split(' ')[0]: r['formulation'] for r in rows if r['chosen']}
   assert chosen == {'vgg16': 'products', 'nasnet_mobile': 'products', 'nasnet_large': 'products',
                     'resnet50': 'native'}
+
+
+def test_times_three_formulations_of_the_1x1_convolutions():
+  rows = benchmark_formulations.main(['--batch_size', '1', '--scale', '8', '--repeats', '1', '--ops', '1x1 conv'])
+  assert len(rows) == 3 * len(benchmark_formulations.POINTWISE_CASES)
+  assert {r['formulation'] for r in rows} == {'matmul', 'blocks', 'convolution'}
+  assert {r['formulation'] for r in rows if r['chosen']} == {'matmul'}  # Scaled down, every output is small.
+  assert all(r['error'] <= 1e-4 for r in rows)

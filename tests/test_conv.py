@@ -68,6 +68,44 @@ def test_matches_keras_conv2d_and_its_gradients(batch, height, width, c_in, c_ou
   np.testing.assert_allclose(got_dparams['params']['bias'], want_dbias, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize('blocks', ['matmul', 'chosen', 'rows', 'images'])
+@pytest.mark.parametrize('batch, size, c_in, c_out, stride, use_bias', [(4, 6, 5, 7, 1, True), (6, 9, 3, 4, 2, False)])
+def test_pointwise_conv_matches_keras_1x1_conv2d_and_its_gradients(batch, size, c_in, c_out, stride, use_bias, blocks,
+                                                                    monkeypatch):
+  # 'matmul': XLA's kernel gradient; the others: by blocks of pixels, as chosen or forced to rows or images.
+  if blocks != 'matmul':
+    monkeypatch.setattr(conv, 'POINTWISE_BLOCKS_MIN_BYTES', 0)
+  if BLOCKS.get(blocks):
+    monkeypatch.setattr(conv, 'block_shape', lambda n, out_h, *_: BLOCKS[blocks](n, out_h))
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(batch, size, size, c_in)).astype(np.float32)
+  kernel = rng.normal(size=(1, 1, c_in, c_out)).astype(np.float32)
+  bias = rng.normal(size=c_out).astype(np.float32) if use_bias else None
+  module = conv.PointwiseConv(c_out, stride, use_bias)
+  params = {'params': {'kernel': kernel, **({'bias': bias} if use_bias else {})}}
+  out_size = (size - 1) // stride + 1
+  weight = rng.normal(size=(batch, out_size, out_size, c_out)).astype(np.float32)
+  want, want_grads = _keras_conv(x, kernel, bias, stride, ((0, 0), (0, 0)), weight)
+
+  def loss(params, x):
+    return jnp.sum(module.apply(params, x) * weight)
+  assert ('custom_vjp_call' in str(jax.make_jaxpr(loss)(params, x))) == (blocks != 'matmul')
+  got_dparams, got_dx = jax.grad(loss, argnums=(0, 1))(params, x)
+  np.testing.assert_allclose(module.apply(params, x), want, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(got_dx, want_grads[0], rtol=1e-5, atol=1e-4)
+  for name, want_grad in zip(('kernel', 'bias'), want_grads[1:]):
+    np.testing.assert_allclose(got_dparams['params'][name], want_grad, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize('batch, want_blocks', [(32, True), (31, False)])
+def test_auto_takes_pointwise_blocks_on_the_cpu_from_8_mib_of_output(batch, want_blocks):
+  # 64 x 64 pixels x 16 float32 outputs: 1/4 MiB per image.
+  assert jax.default_backend() == 'cpu' and conv.POINTWISE_BLOCKS_MIN_BYTES == 8 * 2**20
+  kernel = jnp.zeros((8, 16))
+  jaxpr = jax.make_jaxpr(lambda x: conv.pointwise_conv(x, kernel))(jax.ShapeDtypeStruct((batch, 64, 64, 8), jnp.float32))
+  assert ('custom_vjp_call' in str(jaxpr)) == want_blocks
+
+
 @pytest.mark.parametrize('shape, want', [
     ((8, 224, 224, 64, 64), (1, 8)),  # 8 rows: 1,792 pixels of 2,304 patch bytes fill 4 MiB.
     ((8, 28, 28, 512, 512), (1, 28)),  # 7 rows (196 pixels) would fit; 512 pixels need the whole image.

@@ -23,7 +23,7 @@ from sklearn import metrics as sk_metrics
 
 from configs import default, demo
 from covid_jax import train
-from covid_jax.models import depthwise
+from covid_jax.models import conv, depthwise
 from covid_jax.models.head import FIRST_DENSE
 from covid_jax.port import keras_models, store
 from covid_jax.port.keras_models import keras_backbone
@@ -317,7 +317,7 @@ class _EveryInitializer(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = nn.Conv(64, (3, 3))(x)  # lecun_normal (VGG16, ResNet50).
-    x = depthwise.PointwiseConv(96, kernel_init=nn.initializers.he_normal())(x)  # NASNet's plain convs.
+    x = conv.PointwiseConv(96, kernel_init=nn.initializers.he_normal())(x)  # NASNet's plain convs.
     x = depthwise.DepthwiseConv((5, 5))(x)  # glorot_uniform.
     x = nn.BatchNorm(use_running_average=True)(x)
     return nn.Dense(10)(x.mean(axis=(1, 2)))

@@ -1,4 +1,4 @@
-"""Keras's bias-free depthwise, 1x1 and separable convolutions, in the formulation fast on the backend.
+"""Keras's bias-free depthwise convolution, in the formulation fast on the backend.
 
 A depthwise convolution has two exact formulations, and the fast one depends
 on the backend. XLA:CPU runs a grouped convolution with one channel per group
@@ -10,9 +10,6 @@ it stays one loop too (the kernel gradient's, a block of images at a time).
 On GPU/TPU the grouped convolution is the native depthwise kernel. Both read
 the kernel in grouped-conv layout (h, w, 1, C * multiplier), so parameters do
 not depend on the choice.
-
-A 1x1 convolution is likewise written as a matmul over channels: XLA:CPU runs
-it 2-4x faster than the equivalent convolution op.
 """
 
 import functools
@@ -194,43 +191,3 @@ class DepthwiseConv(nn.Module):
     kernel = self.param('kernel', self.kernel_init, shape, jnp.float32)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     return depthwise_conv(x, kernel, self.strides, self.padding, self.impl)
-
-
-class PointwiseConv(nn.Module):
-  """Keras Conv2D with a 1x1 kernel; params {'kernel': (1, 1, C, features)} and, with use_bias, {'bias'}.
-
-  A stride keeps every stride-th pixel, as a strided 1x1 convolution does.
-  """
-
-  features: int
-  strides: int = 1
-  use_bias: bool = False
-  dtype: Any = jnp.float32
-  kernel_init: Any = nn.initializers.glorot_uniform()
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32) if self.use_bias else None
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    if self.strides > 1:
-      x = lax.slice(x, (0, 0, 0, 0), x.shape, (1, self.strides, self.strides, 1))
-    y = jnp.dot(x, kernel.reshape(kernel.shape[2:]))
-    return y if bias is None else y + bias
-
-
-class SeparableConv(nn.Module):
-  """Keras SeparableConv2D without bias: children `depthwise` and `pointwise` (a 1x1 conv)."""
-
-  features: int
-  kernel_size: tuple[int, int]
-  strides: tuple[int, int] = (1, 1)
-  padding: Padding = 'SAME'
-  depthwise_impl: str = 'auto'
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = DepthwiseConv(self.kernel_size, self.strides, self.padding, impl=self.depthwise_impl, dtype=self.dtype,
-                      name='depthwise')(x)
-    return PointwiseConv(self.features, dtype=self.dtype, name='pointwise')(x)

@@ -14,8 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from covid_jax.models.conv import Conv
-from covid_jax.models.depthwise import PointwiseConv, SeparableConv
+from covid_jax.models.conv import Conv, PointwiseConv
+from covid_jax.models.depthwise import DepthwiseConv, Padding
 from covid_jax.models.pooling import avg_pool, max_pool
 
 LARGE = dict(penultimate_filters=4032, num_blocks=6, stem_block_filters=96, skip_reduction=True, filter_multiplier=2)
@@ -100,6 +100,23 @@ _REDUCTION_CELL = _Cell(
     ),
     outputs=(2, 3, 4, 5),
 )
+
+
+class SeparableConv(nn.Module):
+  """Keras SeparableConv2D without bias: children `depthwise` and `pointwise` (a 1x1 conv)."""
+
+  features: int
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int] = (1, 1)
+  padding: Padding = 'SAME'
+  depthwise_impl: str = 'auto'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = DepthwiseConv(self.kernel_size, self.strides, self.padding, impl=self.depthwise_impl, dtype=self.dtype,
+                      name='depthwise')(x)
+    return PointwiseConv(self.features, dtype=self.dtype, name='pointwise')(x)
 
 
 class _Layers(nn.Module):

@@ -14,8 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from covid_jax.models.conv import Conv
-from covid_jax.models.depthwise import PointwiseConv
+from covid_jax.models.conv import Conv, PointwiseConv
 from covid_jax.models.pooling import max_pool
 
 # (bottleneck filters, blocks, stride of the first block) of stages conv2 .. conv5.
