@@ -102,7 +102,8 @@ def test_auto_takes_pointwise_blocks_on_the_cpu_from_8_mib_of_output(batch, want
   # 64 x 64 pixels x 16 float32 outputs: 1/4 MiB per image.
   assert jax.default_backend() == 'cpu' and conv.POINTWISE_BLOCKS_MIN_BYTES == 8 * 2**20
   kernel = jnp.zeros((8, 16))
-  jaxpr = jax.make_jaxpr(lambda x: conv.pointwise_conv(x, kernel))(jax.ShapeDtypeStruct((batch, 64, 64, 8), jnp.float32))
+  x = jax.ShapeDtypeStruct((batch, 64, 64, 8), jnp.float32)
+  jaxpr = jax.make_jaxpr(lambda x: conv.pointwise_conv(x, kernel))(x)
   assert ('custom_vjp_call' in str(jaxpr)) == want_blocks
 
 

@@ -52,7 +52,7 @@ IMPLEMENTATIONS = ('auto', 'im2col', 'native', 'products')
 IM2COL_MIN_FLOPS = 4e9
 # Products per output value (window taps x input channels) up to which 'auto' takes 'products' on the CPU.
 PRODUCTS_MAX_TERMS = 27
-# Patch bytes of one block of the im2col kernel gradient: a few MiB stay in a CPU's cache.
+# Bytes of one block of a kernel gradient by blocks (im2col patches; a 1x1's input and cotangent): they stay in cache.
 PATCH_BLOCK_BYTES = 4 * 2**20
 # Output-cotangent bytes of a 1x1 convolution from which 'auto' takes its kernel gradient by blocks on the CPU.
 POINTWISE_BLOCKS_MIN_BYTES = 8 * 2**20
@@ -168,8 +168,8 @@ def im2col_kernel_gradient(x: jax.Array, g: jax.Array, window: Sequence[int], st
   accumulates their matmuls with `g` in float32.
   """
   n, out_h, out_w, c_out = g.shape
-  block = block_shape(n, out_h, out_w, window[0] * window[1] * x.shape[-1] * x.dtype.itemsize, c_out)
-  return _kernel_gradient_by_blocks(zero_pad(x, pads), g, window, strides, block)
+  shape = block_shape(n, out_h, out_w, window[0] * window[1] * x.shape[-1] * x.dtype.itemsize, c_out)
+  return _kernel_gradient_by_blocks(zero_pad(x, pads), g, window, strides, shape)
 
 
 def pointwise_kernel_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
@@ -179,16 +179,16 @@ def pointwise_kernel_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
   in the cache.
   """
   n, h, w, c_out = g.shape
-  block = block_shape(n, h, w, (x.shape[-1] + c_out) * x.dtype.itemsize, c_out)
-  return _kernel_gradient_by_blocks(x, g, (1, 1), (1, 1), block)[0, 0]
+  shape = block_shape(n, h, w, (x.shape[-1] + c_out) * x.dtype.itemsize, c_out)
+  return _kernel_gradient_by_blocks(x, g, (1, 1), (1, 1), shape)[0, 0]
 
 
 def _kernel_gradient_by_blocks(xp: jax.Array, g: jax.Array, window: Sequence[int], strides: Sequence[int],
-                               block: tuple[int, int]) -> jax.Array:
-  """The HWIO kernel gradient for padded `xp`, accumulated in float32 over blocks of (images, output rows)."""
+                               shape: tuple[int, int]) -> jax.Array:
+  """The HWIO kernel gradient for padded `xp`, accumulated in float32 over blocks of `shape` (images, output rows)."""
   n, out_h, out_w, c_out = g.shape
   (kh, kw), sh, c_in = window, strides[0], xp.shape[-1]
-  images, rows = block
+  images, rows = shape
   blocks_per_image = out_h // rows
 
   def add_block(total: jax.Array, block: jax.Array) -> tuple[jax.Array, None]:
@@ -241,10 +241,11 @@ pointwise_conv_by_blocks.defvjp(_pointwise_conv_by_blocks_fwd, _pointwise_conv_b
 
 
 def block_shape(n: int, out_h: int, out_w: int, patch_pixel_bytes: int, c_out: int) -> tuple[int, int]:
-  """(images, output rows) per block of the im2col kernel gradient; rows < out_h only for one image.
+  """(images, output rows) per block of a kernel gradient by blocks; rows < out_h only for one image.
 
-  The largest block whose patches fit PATCH_BLOCK_BYTES (they are written and read back from the cache)
-  while holding at least c_out pixels (the matmul then outweighs the accumulation of its
+  `patch_pixel_bytes` is what one output pixel's block data take: its im2col patch, or a 1x1 convolution's
+  input and cotangent. The largest block whose data fit PATCH_BLOCK_BYTES (they are written and read back
+  from the cache) while holding at least c_out pixels (the matmul then outweighs the accumulation of its
   patch-channels x c_out product); where no block does both, the smallest that holds c_out pixels.
   """
   shapes = [(1, r) for r in divisors(out_h)] + [(i, out_h) for i in divisors(n) if i > 1]
