@@ -27,6 +27,21 @@ def test_matches_tensorflow_max_pool_and_gradient(shape, window, stride, impl):
   np.testing.assert_allclose(got_grad, want_grad.numpy(), rtol=1e-6)
 
 
+@pytest.mark.parametrize('impl', ['strided_slices', 'reduce_window'])
+@pytest.mark.parametrize('shape, window, stride', [((2, 8, 8, 3), 2, 2), ((2, 9, 9, 4), 3, 2)])
+def test_ties_route_the_gradient_to_one_input_as_tensorflow_does(shape, window, stride, impl):
+  # After a ReLU most windows tie at zero; each output's cotangent must reach one input, not be split.
+  x = np.maximum(np.random.default_rng(0).integers(-3, 3, size=shape), 0).astype(np.float32)
+  weight = np.random.default_rng(1).normal(size=tf.nn.max_pool2d(x, window, stride, 'VALID').shape)
+  x_tf = tf.constant(x)
+  with tf.GradientTape() as tape:
+    tape.watch(x_tf)
+    loss = tf.reduce_sum(tf.nn.max_pool2d(x_tf, window, stride, 'VALID') * weight)
+  want_grad = tape.gradient(loss, x_tf)
+  got_grad = jax.grad(lambda x: jnp.sum(max_pool(x, window, stride, impl) * weight))(x)
+  np.testing.assert_allclose(got_grad, want_grad.numpy(), rtol=1e-6, atol=1e-6)
+
+
 def test_unknown_implementation_is_named():
   with pytest.raises(ValueError, match="'im2col'"):
     max_pool(jnp.zeros((1, 4, 4, 1)), 2, 2, 'im2col')
