@@ -68,8 +68,9 @@ def _max_of_slices_fwd(x, window, stride):
 def _max_of_slices_bwd(window, stride, residuals, g):
   """Each output's cotangent goes to the first input of its window that holds the maximum, as in TensorFlow.
 
-  The routed pieces are computed on the output grid behind an optimization barrier. Without it, XLA fused
-  them into the spreading onto the input and recomputed every window's maxima once per tap.
+  The routed pieces are computed on the output grid, behind an optimization barrier so that XLA does not
+  fuse them into their spreading onto the input: there, the autodiff form recomputed every window's maxima
+  once per tap.
   """
   x, y = residuals
   zero = np.zeros((), g.dtype)
