@@ -24,7 +24,8 @@ def test_times_both_formulations_of_every_case():
     assert {r['formulation'] for r in pair} == {'strided_slices', 'reduce_window'}, where
     assert sum(r['chosen'] for r in pair) == 1 and sum(r['fastest'] for r in pair) == 1
     assert all(r['forward_ms'] > 0 and r['forward_backward_ms'] > 0 for r in pair)
-    assert pair[0]['error'] == 0.0  # Max pooling selects inputs: both formulations agree exactly.
+    # Max pooling selects inputs: the formulations differ only in the order they add overlapping windows' cotangents.
+    assert pair[0]['errors']['output'] == 0.0 and pair[0]['error'] < 1e-6
 
 
 def test_max_pool_inputs_hold_no_ties_and_are_shuffled():

@@ -9,8 +9,9 @@ slices still win for VGG16's non-overlapping 2x2 pools (0.19 against 0.21 ms,
 0.08 against 0.12 ms) but reduce_window wins 3x for ResNet50's overlapping 3x3
 stride-2 pool (0.06 against 0.18 ms), so backends other than the CPU use it
 where windows overlap (measured on that GPU only, not on a TPU). Values are
-identical, and so are gradients: where inputs of a window tie for the maximum
-(after a ReLU, often), both give the window's cotangent to its first maximum, as
+identical, and so are gradients up to the order in which overlapping windows'
+cotangents are added: where inputs of a window tie for the maximum (after a
+ReLU, often), both give the window's cotangent to its first maximum, as
 TensorFlow does. The slices' gradient is written by hand for that, and so that
 XLA:CPU does not recompute the window's maxima for every tap it spreads back.
 
