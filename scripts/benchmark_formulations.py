@@ -180,10 +180,11 @@ def measure_case(op: str, where: str, shapes: tuple, formulations: dict[str, Cal
   return rows
 
 
-def all_cases(batch_size: int, scale: int = 1) -> list[tuple[str, str, tuple, dict[str, Callable], str]]:
+def all_cases(batch_size: int, scale: int = 1,
+              dtype: str = 'float32') -> list[tuple[str, str, tuple, dict[str, Callable], str]]:
   """(op, where, (x, kernel, output) shapes, formulations, the models' choice) of every case.
 
-  `scale` divides the image sizes.
+  `scale` divides the image sizes; `dtype` is the one the cases run in.
   """
   def shrink(cases):
     return [(where, max(size // scale, 8), *rest) for where, size, *rest in cases]
@@ -207,7 +208,8 @@ def all_cases(batch_size: int, scale: int = 1) -> list[tuple[str, str, tuple, di
   for where, size, c_in, c_out in shrink(POINTWISE_CASES):
     cases.append(('1x1 conv', f'{where} {c_in}->{c_out}', ((batch_size, size, size, c_in), (1, 1, c_in, c_out),
                                                            (batch_size, size, size, c_out)), pointwise_formulations(),
-                  'blocks' if conv.takes_pointwise_blocks(batch_size * size * size * c_out * 4) else 'matmul'))
+                  'blocks' if conv.takes_pointwise_blocks(batch_size * size * size * c_out * jnp.dtype(dtype).itemsize)
+                  else 'matmul'))
   for where, size, c_in, c_out in shrink(CONV_CASES):
     x_shape, kernel_shape = (batch_size, size, size, c_in), (3, 3, c_in, c_out)
     flops = conv.kernel_gradient_flops(np.prod(x_shape[:3]), kernel_shape)  # SAME, stride 1: output size = input's.
@@ -248,7 +250,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
   args = parser.parse_args(argv)
   ops = args.ops.split(',')
   rows = []
-  for op, where, shapes, formulations, chosen in all_cases(args.batch_size, args.scale):
+  for op, where, shapes, formulations, chosen in all_cases(args.batch_size, args.scale, args.dtype):
     if op not in ops:
       continue
     rows += measure_case(op, where, shapes, formulations, chosen, args.dtype, args.repeats)

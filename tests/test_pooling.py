@@ -9,22 +9,27 @@ import tensorflow as tf
 from covid_jax.models.pooling import avg_pool, max_pool
 
 
-@pytest.mark.parametrize('impl', ['strided_slices', 'reduce_window'])
-@pytest.mark.parametrize('shape, window, stride', [((2, 8, 8, 3), 2, 2), ((2, 9, 7, 3), 2, 2),
-                                                    ((2, 9, 9, 4), 3, 2), ((1, 12, 10, 2), 3, 2)])
-def test_matches_tensorflow_max_pool_and_gradient(shape, window, stride, impl):
-  # Distinct values: a tie's gradient is split here and given to one input in TensorFlow.
-  x = np.random.default_rng(0).permutation(np.prod(shape)).reshape(shape).astype(np.float32)
+def _tensorflow_max_pool(x, window, stride):
+  """TensorFlow's VALID max pool of `x`, the gradient of sum(pool * weight), and that seeded random weight."""
   weight = np.random.default_rng(1).normal(size=tf.nn.max_pool2d(x, window, stride, 'VALID').shape)
   x_tf = tf.constant(x)
   with tf.GradientTape() as tape:
     tape.watch(x_tf)
-    want = tf.nn.max_pool2d(x_tf, window, stride, 'VALID')
-    loss = tf.reduce_sum(want * weight)
-  want_grad = tape.gradient(loss, x_tf)
+    pooled = tf.nn.max_pool2d(x_tf, window, stride, 'VALID')
+    loss = tf.reduce_sum(pooled * weight)
+  return pooled.numpy(), tape.gradient(loss, x_tf).numpy(), weight
+
+
+@pytest.mark.parametrize('impl', ['strided_slices', 'reduce_window'])
+@pytest.mark.parametrize('shape, window, stride', [((2, 8, 8, 3), 2, 2), ((2, 9, 7, 3), 2, 2),
+                                                    ((2, 9, 9, 4), 3, 2), ((1, 12, 10, 2), 3, 2)])
+def test_matches_tensorflow_max_pool_and_gradient(shape, window, stride, impl):
+  # Distinct values: no window ties.
+  x = np.random.default_rng(0).permutation(np.prod(shape)).reshape(shape).astype(np.float32)
+  want, want_grad, weight = _tensorflow_max_pool(x, window, stride)
   got_grad = jax.grad(lambda x: jnp.sum(max_pool(x, window, stride, impl) * weight))(x)
-  np.testing.assert_array_equal(max_pool(x, window, stride, impl), want.numpy())
-  np.testing.assert_allclose(got_grad, want_grad.numpy(), rtol=1e-6)
+  np.testing.assert_array_equal(max_pool(x, window, stride, impl), want)
+  np.testing.assert_allclose(got_grad, want_grad, rtol=1e-6)
 
 
 @pytest.mark.parametrize('impl', ['strided_slices', 'reduce_window'])
@@ -32,14 +37,9 @@ def test_matches_tensorflow_max_pool_and_gradient(shape, window, stride, impl):
 def test_ties_route_the_gradient_to_one_input_as_tensorflow_does(shape, window, stride, impl):
   # After a ReLU most windows tie at zero; each output's cotangent must reach one input, not be split.
   x = np.maximum(np.random.default_rng(0).integers(-3, 3, size=shape), 0).astype(np.float32)
-  weight = np.random.default_rng(1).normal(size=tf.nn.max_pool2d(x, window, stride, 'VALID').shape)
-  x_tf = tf.constant(x)
-  with tf.GradientTape() as tape:
-    tape.watch(x_tf)
-    loss = tf.reduce_sum(tf.nn.max_pool2d(x_tf, window, stride, 'VALID') * weight)
-  want_grad = tape.gradient(loss, x_tf)
+  _, want_grad, weight = _tensorflow_max_pool(x, window, stride)
   got_grad = jax.grad(lambda x: jnp.sum(max_pool(x, window, stride, impl) * weight))(x)
-  np.testing.assert_allclose(got_grad, want_grad.numpy(), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got_grad, want_grad, rtol=1e-6, atol=1e-6)
 
 
 def test_unknown_implementation_is_named():

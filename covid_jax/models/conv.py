@@ -232,9 +232,7 @@ def _pointwise_conv_by_blocks_fwd(x, kernel):
 
 def _pointwise_conv_by_blocks_bwd(residuals, g):
   x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda x: jnp.dot(x, kernel), x)
-  (d_x,) = input_vjp(g)
-  return d_x, pointwise_kernel_gradient(x, g).astype(kernel.dtype)
+  return jnp.dot(g, kernel.T), pointwise_kernel_gradient(x, g).astype(kernel.dtype)
 
 
 pointwise_conv_by_blocks.defvjp(_pointwise_conv_by_blocks_fwd, _pointwise_conv_by_blocks_bwd)

@@ -75,10 +75,10 @@ def _max_of_slices_bwd(window, stride, residuals, g):
   """
   x, y = residuals
   zero = np.zeros((), g.dtype)
-  taken, pieces = None, []
+  taken, pieces = jnp.zeros(y.shape, bool), []
   for tap in window_taps(x, (window, window), (stride, stride)):
-    hit = lax.eq(tap, y) if taken is None else lax.bitwise_and(lax.eq(tap, y), lax.bitwise_not(taken))
-    taken = hit if taken is None else lax.bitwise_or(taken, hit)
+    hit = lax.bitwise_and(lax.eq(tap, y), lax.bitwise_not(taken))
+    taken = lax.bitwise_or(taken, hit)
     pieces.append(lax.select(hit, g, lax.full_like(g, zero)))
   (_, height, width, _), (out_h, out_w) = x.shape, y.shape[1:3]
   total = None
