@@ -132,7 +132,7 @@ def test_first_step_script_times_every_stage_and_sums_them():
                        env=env).stdout.strip().splitlines()
   stages, total = out[-2].split('; total ')
   seconds = dict(part.rsplit(' ', 2)[:2] for part in stages.split(', '))
-  assert list(seconds) == ['outline', 'initial variables', 'train state', 'train step']
+  assert list(seconds) == ['outline', 'initial variables', 'train state', 'train step', 'first run']
   assert float(total.removesuffix(' s')) == pytest.approx(sum(map(float, seconds.values())), abs=0.35)
   collector = re.fullmatch(r'Python garbage collection within them: ([\d.]+) s, (\d+) full collections', out[-1])
   assert collector and float(collector[1]) < float(total.removesuffix(' s')), out[-1]
