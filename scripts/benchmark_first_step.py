@@ -10,9 +10,10 @@ shapes, which compile and run as ported values do), the train state, and the
 train step's two programs (gradients, update): traced, lowered and compiled by
 XLA, side by side, as `train.TrainStep` does on its first call; then that
 step's first run, on a batch of zeros. The train step is the full fine-tune
-(every layer trainable), unless --freeze_backbone (the study's first phase). No persistent compilation cache is used, unless --compilation_cache
-names one (as covid_jax.main's `compilation_cache_dir` does): run twice to time
-a re-run, whose compilation is a load from the cache.
+(every layer trainable), unless --freeze_backbone (the study's first phase).
+No persistent compilation cache is used, unless --compilation_cache names one
+(as covid_jax.main's `compilation_cache_dir` does): run twice to time a re-run,
+whose compilation is a load from the cache.
 
 The process keeps freed host memory as covid_jax.main does, unless
 --retain_freed_host_memory false: its one malloc arena slows XLA's compiler
@@ -110,7 +111,7 @@ def main() -> None:
   data = NamedSharding(mesh, PartitionSpec('data'))
   zeros = {k: jax.make_array_from_process_local_data(data, np.zeros(s.shape, s.dtype)) for k, s in batch.items()}
   start = time.perf_counter()
-  # The compiled step's first run is slower than the later ones: it faults in its buffers and sets up its kernels.
+  # The compiled step's first run is slower than the later ones: it faults its buffers in (BENCHMARKS.md).
   jax.block_until_ready(train_step(state, zeros, jax.random.key(0)))
   seconds['first run'] = time.perf_counter() - start
 
