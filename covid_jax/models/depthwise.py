@@ -137,14 +137,19 @@ def _input_gradient(g: jax.Array, kernel: jax.Array, padded_shape: Sequence[int]
       rows, cols = -(-(padded_shape[0] - r) // sh), -(-(padded_shape[1] - c) // sw)
       top, left = most_h - jh, most_w - jw
       window = lax.slice(padded, (0, top, left, 0), (n, top + rows + jh - 1, left + cols + jw - 1, channels))
-      phase = _sum_of_taps(window, sub_kernel, (1, 1))
-      spread = lax.pad(phase, zero, ((0, 0, 0), (r, padded_shape[0] - r - sh * (rows - 1) - 1, sh - 1),
-                                     (c, padded_shape[1] - c - sw * (cols - 1) - 1, sw - 1), (0, 0, 0)))
+      spread = spread_onto(_sum_of_taps(window, sub_kernel, (1, 1)), (r, c), strides, padded_shape)
       total = spread if total is None else lax.add(total, spread)
   return total
 
 
 _correlate.defvjp(_correlate_fwd, _correlate_bwd)
+
+
+def spread_onto(piece: jax.Array, offset: Sequence[int], strides: Sequence[int], shape: Sequence[int]) -> jax.Array:
+  """NHWC `piece` spread onto zeros of spatial `shape`, from `offset` every `strides`: a strided slice's transpose."""
+  (r, c), (sh, sw), (rows, cols) = offset, strides, piece.shape[1:3]
+  return lax.pad(piece, np.zeros((), piece.dtype), ((0, 0, 0), (r, shape[0] - r - sh * (rows - 1) - 1, sh - 1),
+                                                    (c, shape[1] - c - sw * (cols - 1) - 1, sw - 1), (0, 0, 0)))
 
 
 def kernel_gradient(xp: jax.Array, g: jax.Array, window: Sequence[int], strides: Sequence[int]) -> jax.Array:

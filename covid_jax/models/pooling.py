@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from covid_jax.models.depthwise import Padding, explicit_pads, window_taps, zero_pad
+from covid_jax.models.depthwise import Padding, explicit_pads, spread_onto, window_taps, zero_pad
 
 
 # 'auto' picks per backend (and window overlap) at trace time; the others force one formulation.
@@ -55,14 +55,16 @@ def max_pool(x: jax.Array, window: int, stride: int, impl: str = 'auto') -> jax.
   return _max_of_slices(x, window, stride)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _max_of_slices(x: jax.Array, window: int, stride: int) -> jax.Array:
+def _maximum_of_slices(x: jax.Array, window: int, stride: int) -> jax.Array:
   """The elementwise maximum of the window's strided slices."""
   return functools.reduce(lax.max, window_taps(x, (window, window), (stride, stride)))
 
 
+_max_of_slices = jax.custom_vjp(_maximum_of_slices, nondiff_argnums=(1, 2))
+
+
 def _max_of_slices_fwd(x, window, stride):
-  y = _max_of_slices(x, window, stride)
+  y = _maximum_of_slices(x, window, stride)  # Bare: through the custom VJP, each call would trace a nested jaxpr.
   return y, (x, y)
 
 
@@ -80,12 +82,9 @@ def _max_of_slices_bwd(window, stride, residuals, g):
     hit = lax.bitwise_and(lax.eq(tap, y), lax.bitwise_not(taken))
     taken = lax.bitwise_or(taken, hit)
     pieces.append(lax.select(hit, g, lax.full_like(g, zero)))
-  (_, height, width, _), (out_h, out_w) = x.shape, y.shape[1:3]
   total = None
   for t, piece in enumerate(lax.optimization_barrier(pieces)):
-    a, b = divmod(t, window)
-    spread = lax.pad(piece, zero, ((0, 0, 0), (a, height - a - stride * (out_h - 1) - 1, stride - 1),
-                                   (b, width - b - stride * (out_w - 1) - 1, stride - 1), (0, 0, 0)))
+    spread = spread_onto(piece, divmod(t, window), (stride, stride), x.shape[1:3])
     total = spread if total is None else lax.add(total, spread)
   return (total,)
 
