@@ -1,13 +1,18 @@
 """Entry point: `python -m covid_jax.main --config=configs/nasnet.py --workdir=RUN [--config.key=value ...]`."""
 
-import os
+from covid_jax import host_memory
 
-import jax
-import tensorflow as tf
-from absl import app, flags, logging
-from ml_collections import config_flags
+if __name__ == '__main__':
+  host_memory.relaunch_with_thread_caches()  # glibc reads the setting at start: before anything heavy loads.
 
-from covid_jax import host_memory, reporting, train
+import os  # noqa: E402
+
+import jax  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from covid_jax import reporting, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, TensorBoard events, plots, test_metrics.json. '

@@ -38,7 +38,8 @@ beside the others in the same Markdown file:
       --section 'GPU bfloat16' --json benchmarks_gpu_bfloat16.json
 
 covid_jax runs as covid_jax.main does by default, keeping freed host memory in one
-malloc arena; --retain_freed_host_memory false times it as
+malloc arena, with glibc's per-thread caches enlarged (covid_jax/host_memory.py);
+--retain_freed_host_memory false times it as
 --config.retain_freed_host_memory=False runs it (the README's advice on a GPU).
 """
 
@@ -56,9 +57,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import benchmark_worker
-
 _REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(_REPO))
+
+import benchmark_worker  # noqa: E402
+
+from covid_jax import host_memory  # noqa: E402
+
 _WORKER = Path(__file__).resolve().parent / 'benchmark_worker.py'
 _PIPELINE = Path(__file__).resolve().parent / 'benchmark_input_pipeline.py'
 DEFAULT_BACKBONES = 'vgg16,resnet50,nasnet_mobile,nasnet_large,nasnet_large@331'
@@ -154,6 +159,8 @@ def _worker_env(framework: str) -> dict[str, str]:
   env.pop('JAX_COMPILATION_CACHE_DIR', None)  # First-call times must include compilation.
   if framework != 'covid_jax' and benchmark_worker.KERAS_BACKEND.get(framework) == 'tensorflow':
     env.setdefault('JAX_PLATFORMS', 'cpu')  # JAX is imported by covid_jax's helpers only.
+  if framework == 'covid_jax':  # As covid_jax.main runs (covid_jax/host_memory.py).
+    env = host_memory.with_thread_caches(env) or env
   return env
 
 

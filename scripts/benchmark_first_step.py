@@ -17,7 +17,10 @@ whose compilation is a load from the cache.
 
 The process keeps freed host memory as covid_jax.main does, unless
 --retain_freed_host_memory false: its one malloc arena slows XLA's compiler
-threads (BENCHMARKS.md). It also reports the seconds that Python's garbage
+threads (BENCHMARKS.md). Like covid_jax.main, it restarts itself at once with
+glibc's per-thread malloc caches enlarged (covid_jax/host_memory.py), unless
+GLIBC_TUNABLES names their size already: set it to
+glibc.malloc.tcache_count=7 (glibc's default) to time without them. It also reports the seconds that Python's garbage
 collector took within those steps, and how many of its collections were full
 ones (covid_jax/python_gc.py holds those back while the model is traced).
 """
@@ -33,13 +36,18 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.pop('JAX_COMPILATION_CACHE_DIR', None)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from covid_jax import host_memory  # noqa: E402
+
+if __name__ == '__main__':
+  host_memory.relaunch_with_thread_caches()  # As covid_jax.main does, before anything heavy loads.
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from configs import default  # noqa: E402
-from covid_jax import host_memory, input_pipeline, train  # noqa: E402
+from covid_jax import input_pipeline, train  # noqa: E402
 
 
 class GarbageCollectionClock:
