@@ -86,7 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.dtype = 'float32'
   # Keep freed host memory for reuse (covid_jax/host_memory.py): a CPU train step stops page-faulting its
   # buffers in afresh every step (ResNet50, batch 32: 12% faster), and resident memory stays at its peak.
-  # XLA then compiles 15-20% slower (its threads share one malloc arena). A GPU step's buffers live on the device.
+  # XLA then compiles 15-20% slower (its threads share one malloc arena; covid_jax.main's larger per-thread
+  # malloc caches take back part of that, covid_jax/host_memory.py). A GPU step's buffers live on the device.
   config.retain_freed_host_memory = True
   # JAX's persistent compilation cache: a later run of the same steps (same config, shapes and versions)
   # loads them instead of compiling again (NASNetLarge's full fine-tune step on a 2-core CPU: 66 s -> 16 s).

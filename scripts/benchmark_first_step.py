@@ -19,10 +19,11 @@ The process keeps freed host memory as covid_jax.main does, unless
 --retain_freed_host_memory false: its one malloc arena slows XLA's compiler
 threads (BENCHMARKS.md). Like covid_jax.main, it restarts itself at once with
 glibc's per-thread malloc caches enlarged (covid_jax/host_memory.py), unless
-GLIBC_TUNABLES names their size already: set it to
-glibc.malloc.tcache_count=7 (glibc's default) to time without them. It also reports the seconds that Python's garbage
-collector took within those steps, and how many of its collections were full
-ones (covid_jax/python_gc.py holds those back while the model is traced).
+GLIBC_TUNABLES names their size already: GLIBC_TUNABLES=glibc.malloc.tcache_count=7
+(glibc's default) times it without them. It also reports the seconds that
+Python's garbage collector took within those steps, and how many of its
+collections were full ones (covid_jax/python_gc.py holds those back while the
+model is traced).
 """
 
 import argparse

@@ -1,4 +1,5 @@
-"""covid_jax.host_memory: freed blocks are reused instead of faulted in afresh (counted by the kernel)."""
+"""covid_jax.host_memory: freed blocks are reused instead of faulted in afresh (counted by the kernel), and
+the per-thread caches' setting is one that glibc reads (as its dynamic loader lists it)."""
 
 import os
 import subprocess
@@ -43,7 +44,6 @@ def test_freed_blocks_are_reused_without_page_faults():
   pages_per_block = 2**28 // 4096
   assert _faults('default') >= 4 * pages_per_block * 0.9  # glibc mmaps and unmaps a block this big each time.
   assert _faults('retain') < 0.01 * pages_per_block
-
 
 
 def _glibc_tunables(environ: dict[str, str]) -> dict[str, str]:
