@@ -14,7 +14,7 @@ their heaps when they empty (BENCHMARKS.md).
 The one arena's lock is what XLA's compiler threads wait on, so entry points
 also enlarge glibc's per-thread caches of small freed blocks, which malloc and
 free use without the lock (`relaunch_with_thread_caches`): NASNetLarge's train
-step then compiled in 48-51 s against 50-56 s (BENCHMARKS.md).
+step then compiled in 48-51 s against 50-57 s (BENCHMARKS.md).
 """
 
 import ctypes
