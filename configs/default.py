@@ -85,7 +85,8 @@ def get_config() -> ml_collections.ConfigDict:
   # float32 | bfloat16 (compute in bf16; parameters, loss and metrics stay float32).
   config.dtype = 'float32'
   # Keep freed host memory for reuse (covid_jax/host_memory.py): a CPU train step stops page-faulting its
-  # buffers in afresh every step (ResNet50, batch 32: 12% faster), and resident memory stays at its peak.
+  # buffers in afresh every step (ResNet50, batch 32: 12% faster), and resident memory stays at its peak,
+  # which the heap's fragmentation can raise (13.9 GB against 6.2): off where a step fills much of the host.
   # XLA then compiles 15-20% slower (its threads share one malloc arena; covid_jax.main's larger per-thread
   # malloc caches take back part of that, covid_jax/host_memory.py). A GPU step's buffers live on the device.
   config.retain_freed_host_memory = True

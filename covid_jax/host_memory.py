@@ -7,9 +7,12 @@ again and the kernel zero-fills every page: measured on a 2-core CPU, a ResNet50
 train step at batch 32 took ~10^6 page faults and 2 s of kernel time each
 step. One malloc arena that never mmaps and never trims reuses those pages
 (the step went from 9.4 s to 8.4 s). Resident memory then stays at its peak,
-and XLA's compiler threads contend for the one arena: NASNetLarge's train step
-compiles 15-20% slower. Per-thread arenas cannot keep the gain: glibc unmaps
-their heaps when they empty (BENCHMARKS.md).
+and the heap's fragmentation can raise that peak: a step's temporaries may not
+fit where the last step's were, and the heap grows (ResNet50 at batch 32 peaked
+at 6.1-6.2 GB in two runs, 9.8 and 13.9 GB in two others). XLA's compiler
+threads contend for the one arena: NASNetLarge's train step compiles 15-20%
+slower. Per-thread arenas cannot keep the gain: glibc unmaps their heaps when
+they empty (BENCHMARKS.md).
 
 The one arena's lock is what XLA's compiler threads wait on, so entry points
 also enlarge glibc's per-thread caches of small freed blocks, which malloc and
