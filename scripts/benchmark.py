@@ -29,7 +29,8 @@ convolution GFLOP/s each framework reaches in the same run, and the input
 pipeline's images/s. Results go to a Markdown section of --markdown (replaced
 between markers, the rest of the file kept) and to --json. With --merge, the
 rows of an earlier --json are kept unless this run measures them again, so slow
-backbones can run with fewer frameworks in a separate invocation. Both files are
+backbones can run with fewer frameworks in a separate invocation (a row measured
+without covid_jax takes its FLOP count from covid_jax's row of the same cell). Both files are
 rewritten after each cell, so a run cut short keeps what it measured.
 --section names a section of its own (another machine, another dtype), kept
 beside the others in the same Markdown file:
@@ -209,7 +210,7 @@ def measure_backbone(backbone: str, image_size: int, args: argparse.Namespace, w
               'images_per_s': batch_size / median, 'images_per_s_range': [batch_size / max(seconds),
                                                                           batch_size / min(seconds)],
               'first_call_s': first[w.framework], 'peak_rss_bytes': w.ask(op='peak')['peak_rss_bytes'],
-              'gflops_per_s': flops / median / 1e9 if flops else None,
+              'flops': flops, 'gflops_per_s': flops / median / 1e9 if flops else None,
           })
           print(_progress_line(rows[-1]), flush=True)
         yield rows
@@ -357,10 +358,25 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
   # Only the commands whose rows are still there (all of them if some row does not say which made it).
   used = {r.get('command') for r in rows + merged['pipeline']}
   merged['commands'] = [c for c in dict.fromkeys(old['commands'] + new['commands']) if c in used or None in used]
-  merged['rows'] = rows
+  merged['rows'] = _with_cell_flops(rows)
   merged['frameworks'] = list(dict.fromkeys(old['frameworks'] + new['frameworks']))
   merged['ceilings'] = {**old['ceilings'], **new['ceilings']}
   return merged
+
+
+def _with_cell_flops(rows: list[dict]) -> list[dict]:
+  """`rows`, a row without a FLOP count given its cell's, where another row of the cell has one.
+
+  The count is XLA's of covid_jax's step, the same for every framework of a cell: a Keras row measured
+  in an invocation without covid_jax still gets its GFLOP/s from the covid_jax row of another.
+  """
+  counts = {_cell_key(r)[:-1]: r['flops'] for r in rows if r.get('flops')}
+  filled = []
+  for r in rows:
+    flops = counts.get(_cell_key(r)[:-1])
+    needs = flops and not r.get('flops')
+    filled.append(dict(r, flops=flops, gflops_per_s=flops / r['median_s'] / 1e9) if needs else r)
+  return filled
 
 
 def update_markdown(path: str, section: str, name: str = '') -> None:

@@ -77,6 +77,22 @@ def test_merge_keeps_rows_not_measured_again():
   assert merged['pipeline'] == [pipe(8, 100.0), pipe(32, 300.0)]
 
 
+def test_merge_gives_a_keras_row_measured_alone_the_flop_count_of_its_cell():
+  def run(command, framework, median_s, flops=None):
+    row = {'backbone': 'nasnet_large', 'image_size': 224, 'mode': 'train', 'batch_size': 32,
+           'framework': framework, 'median_s': median_s, 'flops': flops,
+           'gflops_per_s': flops / median_s / 1e9 if flops else None, 'command': command}
+    return {'commands': [command], 'frameworks': [framework], 'ceilings': {}, 'pipeline': [], 'rows': [row]}
+  merged = benchmark.merge(run('a', 'covid_jax', 30.0, flops=9e11), run('b', 'keras_tensorflow', 18.0))
+  rows = {r['framework']: r for r in merged['rows']}
+  assert rows['keras_tensorflow']['gflops_per_s'] == pytest.approx(50.0)  # 9e11 FLOP in 18 s.
+  assert rows['covid_jax']['gflops_per_s'] == pytest.approx(30.0)
+  # Another cell's count is not borrowed.
+  other = run('c', 'keras_jax', 10.0)
+  other['rows'][0]['batch_size'] = 8
+  assert benchmark.merge(merged, other)['rows'][-1]['gflops_per_s'] is None
+
+
 def test_merge_lists_only_the_commands_whose_rows_remain():
   def run(command, *backbones):
     rows = [{'backbone': b, 'image_size': 224, 'mode': 'train', 'batch_size': 8, 'framework': 'covid_jax',
