@@ -24,6 +24,7 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import resource
 import sys
 from collections.abc import Mapping
 
@@ -48,6 +49,16 @@ def retain_freed_memory() -> bool:
   if mallopt is None:
     return False
   return all(mallopt(option, value) == 1 for option, value in _SETTINGS)
+
+
+def peak_resident_bytes() -> int:
+  """This process's peak resident memory so far (the kernel's high-water mark), to watch the kept memory grow."""
+  try:
+    with open('/proc/self/status') as f:
+      return next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM:'))
+  except (OSError, StopIteration):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == 'darwin' else peak * 1024  # macOS counts bytes, Linux KiB.
 
 
 def with_thread_caches(environ: Mapping[str, str]) -> dict[str, str] | None:

@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from covid_jax import checkpoints, input_pipeline, metrics, models, python_gc, reporting
+from covid_jax import checkpoints, host_memory, input_pipeline, metrics, models, python_gc, reporting
 from covid_jax.models.classifier import Classifier
 from covid_jax.models.head import FIRST_DENSE, Head
 from covid_jax.port import store
@@ -593,7 +593,9 @@ def _train(trainer: Trainer, state: TrainState, progress: dict[str, Any], stoppe
       step = int(state.step)
       record = {'epoch': epoch, 'phase': phase.name, **train_scores, **val,
                 'learning_rate': float(schedule((phase_epoch + 1) * trainer.steps_per_epoch - 1)),
-                'seconds': time.time() - started}
+                'seconds': time.time() - started,
+                # This process's, so far: the kept host memory (host_memory.py) can grow when the heap fragments.
+                'peak_host_memory_gib': host_memory.peak_resident_bytes() / 2**30}
       progress['history'].append(record)
       progress.update(epoch=epoch, phase_epoch=phase_epoch + 1, stopped_early=stopper.should_stop,
                       early_stopping={'best_value': stopper.best_value, 'best_epoch': stopper.best_epoch,

@@ -35,6 +35,8 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from covid_jax import host_memory  # noqa: E402  (light: no JAX, no Keras)
+
 FRAMEWORKS = ('covid_jax', 'keras_tensorflow', 'keras_tensorflow_xla', 'keras_jax')
 KERAS_BACKEND = {'keras_tensorflow': 'tensorflow', 'keras_tensorflow_xla': 'tensorflow', 'keras_jax': 'jax'}
 # The study's head and optimiser, as configs/default.py has them.
@@ -58,14 +60,6 @@ def reset_peak_memory() -> None:
     f.write('5')
 
 
-def peak_memory() -> int:
-  with open('/proc/self/status') as f:
-    for line in f:
-      if line.startswith('VmHWM:'):
-        return int(line.split()[1]) * 1024
-  raise RuntimeError('no VmHWM in /proc/self/status')
-
-
 def timed(fn: Callable[[], Any]) -> float:
   start = time.perf_counter()
   fn()
@@ -78,7 +72,7 @@ class CovidJax:
   def __init__(self, backbone: str, image_size: int, weights: str, dtype: str, retain_freed_host_memory: bool):
     import jax
     from configs import default
-    from covid_jax import host_memory, input_pipeline, port, train
+    from covid_jax import input_pipeline, port, train
     self.jax, self.train = jax, train
     config = default.get_config()
     if retain_freed_host_memory:  # As covid_jax.main does with its default config, before the backend starts.
@@ -254,7 +248,7 @@ def serve(runner: Any, reply: Any) -> None:
     elif op == 'step':
       answer = {'seconds': timed(runner.run)}
     elif op == 'peak':
-      answer = {'peak_rss_bytes': peak_memory()}
+      answer = {'peak_rss_bytes': host_memory.peak_resident_bytes()}
     elif op == 'ceilings':
       answer = runner.ceilings()
     elif op == 'flops':

@@ -4,6 +4,7 @@ import contextlib
 import gc
 import json
 import os
+import resource
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -76,6 +77,11 @@ def test_training_learns_and_reports(learned_run):
   workdir, result, manifest = learned_run
   history = _history(workdir)
   assert history[-1]['train_loss'] < history[0]['train_loss']
+  # The process's peak host memory, against the kernel's own lifetime peak (ru_maxrss, KiB on Linux): a process
+  # that imported JAX and TensorFlow holds well over 0.1 GiB, and the peak so far never falls.
+  peaks = [r['peak_host_memory_gib'] for r in history]
+  assert 0.1 < peaks[0] and peaks == sorted(peaks)
+  assert peaks[-1] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   test_counts = manifest['counts']['test']
   majority = max(test_counts.values()) / sum(test_counts.values())
   assert result['accuracy'] > majority
