@@ -7,6 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from covid_jax.models.batch_norm import BatchNorm
+
 # Keras BatchNormalization defaults, which the study's head used.
 BN_EPSILON = 1e-3
 BN_MOMENTUM = 0.99
@@ -32,8 +34,8 @@ class Head(nn.Module):
     def norm(name: str, y: jax.Array) -> jax.Array:
       if not self.batch_norm:
         return y
-      return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                          dtype=self.dtype, axis_name=self.axis_name, name=name)(y)
+      return BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                       dtype=self.dtype, axis_name=self.axis_name, name=name)(y)
 
     x = norm('input_bn', x)
     for i, width in enumerate(self.dims):

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from covid_jax.models.batch_norm import BatchNorm
 from covid_jax.models.conv import Conv, PointwiseConv
 from covid_jax.models.depthwise import DepthwiseConv, Padding
 from covid_jax.models.pooling import avg_pool, max_pool
@@ -134,9 +135,8 @@ class _Layers(nn.Module):
     return PointwiseConv(filters, dtype=self.dtype, kernel_init=_HE_NORMAL, name=name)(x)
 
   def _bn(self, x: jax.Array, name: str, train: bool) -> jax.Array:
-    # Two-pass variance, as TensorFlow's moments computes it.
-    return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=_BN_EPSILON,
-                        use_fast_variance=False, dtype=self.dtype, axis_name=self.axis_name, name=name)(x)
+    return BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=_BN_EPSILON,
+                     dtype=self.dtype, axis_name=self.axis_name, name=name)(x)
 
   def _separable_block(self, x: jax.Array, filters: int, kernel: int, stride: int, block_id: str,
                        train: bool) -> jax.Array:

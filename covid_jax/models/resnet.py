@@ -14,13 +14,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from covid_jax.models.batch_norm import BatchNorm
 from covid_jax.models.conv import Conv, PointwiseConv
 from covid_jax.models.pooling import max_pool
 
 # (bottleneck filters, blocks, stride of the first block) of stages conv2 .. conv5.
 STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
 
-# Keras BatchNormalization settings of this model (Flax's default epsilon differs).
+# Keras BatchNormalization settings of this model.
 BN_EPSILON = 1.001e-5
 BN_MOMENTUM = 0.99
 
@@ -62,8 +63,8 @@ class ResNet50(nn.Module):
     conv = functools.partial(Conv, dtype=self.dtype)
     conv1x1 = functools.partial(PointwiseConv, use_bias=True, dtype=self.dtype)
     norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum, epsilon=BN_EPSILON,
-        use_fast_variance=False, dtype=self.dtype, param_dtype=jnp.float32, axis_name=self.axis_name)
+        BatchNorm, use_running_average=not train, momentum=self.bn_momentum, epsilon=BN_EPSILON,
+        dtype=self.dtype, axis_name=self.axis_name)
     x = _pad(x, 3)  # conv1_pad
     x = conv(64, (7, 7), strides=2, padding='VALID', name='conv1_conv')(x)
     x = nn.relu(norm(name='conv1_bn')(x))
