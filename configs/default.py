@@ -30,16 +30,11 @@ def get_config() -> ml_collections.ConfigDict:
       'stem_block_filters': config_dict.placeholder(int),
       'skip_reduction': config_dict.placeholder(bool),
       'filter_multiplier': config_dict.placeholder(int),
-      # Depthwise-convolution formulation: auto (by backend) | shifted (fast on CPU) | grouped
-      # (fast on GPU/TPU; on CPU its gradients compile ~5x faster, which suits tiny test runs).
-      'depthwise_impl': config_dict.placeholder(str),
       # Recompute each cell's activations in the backward pass instead of storing them: a full
-      # fine-tune then needs far less memory (NASNetLarge, batch 8: 1.75 against 4.47 GiB), for one
-      # more forward pass per step (no slower on a 2-core CPU) and a longer compile.
+      # fine-tune then needs far less memory, for one more forward pass per step and a longer compile.
       'remat': config_dict.placeholder(bool),
-      # A block's normal cells after the first as one lax.scan: a shorter compile for NASNetLarge
-      # (the preset's choice), but a slower step, since the scan stacks each cell's activations;
-      # NASNetMobile's preset runs its cells unrolled.
+      # A block's normal cells after the first as one lax.scan: a shorter compile, a slower step (the
+      # scan stacks each cell's activations). NASNetLarge's preset scans, NASNetMobile's runs unrolled.
       'scan_cells': config_dict.placeholder(bool),
   })
   # Backbone BatchNorm momentum; None keeps Keras's (ResNet50 0.99, NASNet 0.9997). Training a
@@ -64,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Trailing backbone layers with weights to unfreeze, BatchNorm excluded (the study: 54). -1 = all.
   config.fine_tune.unfreeze_layers = 54
   config.fine_tune.num_epochs = 50
-  config.fine_tune.learning_rate = 1e-4  # Not stated in the study.
+  config.fine_tune.learning_rate = 1e-4
   config.fine_tune.end_learning_rate = 1e-6
   config.fine_tune.warmup_epochs = 0
 
@@ -84,16 +79,25 @@ def get_config() -> ml_collections.ConfigDict:
 
   # float32 | bfloat16 (compute in bf16; parameters, loss and metrics stay float32).
   config.dtype = 'float32'
-  # Keep freed host memory for reuse (covid_jax/host_memory.py): a CPU train step stops page-faulting its
-  # buffers in afresh every step (ResNet50, batch 32: 12% faster), and resident memory stays at its peak,
-  # which the heap's fragmentation can raise (13.9 GB against 6.2): off where a step fills much of the host.
-  # XLA then compiles 15-20% slower (its threads share one malloc arena; covid_jax.main's larger per-thread
-  # malloc caches take back part of that, covid_jax/host_memory.py). A GPU step's buffers live on the device.
+  # Keep freed host memory for reuse (covid_jax/runtime.py): a CPU train step stops page-faulting its buffers
+  # in afresh every step, and resident memory stays at its peak, which the heap's fragmentation can raise:
+  # turn it off where a step fills much of the host. XLA compiles somewhat slower meanwhile. Figures:
+  # benchmarks/BENCHMARKS.md. A GPU step's buffers live on the device.
   config.retain_freed_host_memory = True
   # JAX's persistent compilation cache: a later run of the same steps (same config, shapes and versions)
-  # loads them instead of compiling again (NASNetLarge's full fine-tune step on a 2-core CPU: 66 s -> 16 s).
-  # '' turns it off; the JAX_COMPILATION_CACHE_DIR environment variable, if set, takes precedence.
+  # loads them instead of compiling again. '' turns it off; the JAX_COMPILATION_CACHE_DIR environment
+  # variable, if set, takes precedence.
   config.compilation_cache_dir = '~/.cache/covid_jax/jax'
+
+  # How ops are formulated (covid_jax/models/formulations.py): the backend's choice unless forced here.
+  # Values are the same numbers to rounding; they differ in speed, so forcing one only changes time.
+  config.formulations = ml_collections.ConfigDict()
+  config.formulations.backend = 'auto'  # auto (the devices' platform) | cpu | accelerator: whose set to start from.
+  config.formulations.conv = config_dict.placeholder(str)  # by_size | native | im2col | products
+  config.formulations.pointwise = config_dict.placeholder(str)  # by_size | matmul | blocks (1x1 kernel gradient)
+  config.formulations.depthwise = config_dict.placeholder(str)  # shifted | grouped
+  config.formulations.pooling = config_dict.placeholder(str)  # strided_slices | reduce_window | by_overlap
+  config.formulations.separate_update = config_dict.placeholder(bool)  # Train step as two programs.
 
   config.early_stopping = ml_collections.ConfigDict()
   config.early_stopping.metric = 'val_accuracy'  # val_accuracy | val_roc_auc | val_loss (lower is better).

@@ -1,18 +1,10 @@
 """Entry point: `python -m covid_jax.main --config=configs/nasnet.py --workdir=RUN [--config.key=value ...]`."""
 
-from covid_jax import host_memory
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-if __name__ == '__main__':
-  host_memory.relaunch_with_thread_caches()  # glibc reads the setting at start: before anything heavy loads.
-
-import os  # noqa: E402
-
-import jax  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from covid_jax import reporting, train  # noqa: E402
+from covid_jax import runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, TensorBoard events, plots, test_metrics.json. '
@@ -23,22 +15,14 @@ flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first (
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-class _LibraryChatter(logging.logging.Filter):
-  """Drops the checkpoint library's per-save INFO lines, which bury the training log."""
-
-  def filter(self, record: logging.logging.LogRecord) -> bool:
-    return record.levelno > logging.logging.INFO or '/orbax/' not in record.pathname
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_LibraryChatter())
-  # Before the backend starts (the device queries below), so XLA's threads share the one arena.
-  if FLAGS.config.retain_freed_host_memory and not host_memory.retain_freed_memory():
-    logging.info('Not glibc: freed host memory goes back to the system as usual.')
-  if FLAGS.config.compilation_cache_dir and 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(FLAGS.config.compilation_cache_dir))
+  # Before the backend starts (the device queries below) and before TensorFlow loads.
+  runtime.configure(FLAGS.config)
+  with runtime.quiet_tensorflow_import():
+    import tensorflow as tf
+    from covid_jax import reporting, train
   # TensorFlow only feeds data: keep it off the accelerators JAX uses.
   tf.config.set_visible_devices([], 'GPU')
   if FLAGS.multihost:
@@ -54,5 +38,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
+  # glibc reads its malloc settings when a process starts: restart with them before the heavy imports in main.
+  runtime.relaunch_with_thread_caches()
   jax.config.config_with_absl()
   app.run(main)

@@ -155,6 +155,21 @@ def from_logits(labels: np.ndarray, logits: np.ndarray, threshold: float = 0.5, 
   return classification_metrics(labels, probabilities(logits)[:, 1], threshold, **kwargs)
 
 
+def split_metrics(outputs: dict[str, np.ndarray], label_smoothing: float, prefix: str) -> dict[str, float]:
+  """Loss (against the smoothed targets the run trains on), accuracy and ROC AUC of a split's gathered logits.
+
+  Keys are prefixed ('val_loss', ...); an undefined AUC (one class) is NaN.
+  """
+  logits = outputs['logits'].astype(np.float64)
+  labels = outputs['label']
+  targets = np.eye(2)[labels] * (1 - label_smoothing) + label_smoothing / 2
+  log_probs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+  scores = from_logits(labels, logits)
+  return {f'{prefix}_loss': float(-(targets * log_probs).sum(-1).mean()),
+          f'{prefix}_accuracy': scores['accuracy'],
+          f'{prefix}_roc_auc': scores['roc_auc'] if scores['roc_auc'] is not None else float('nan')}
+
+
 def _validated(labels: np.ndarray, covid_probability: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Both as 1-D arrays of equal, non-zero length; labels in {0, 1}, probabilities finite in [0, 1]."""
   labels = np.asarray(labels)

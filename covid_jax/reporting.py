@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn import metrics as sk
 
+from covid_jax import metrics
 from covid_jax.metrics import CLASS_NAMES
 
 _DPI = 150
@@ -41,6 +42,34 @@ _TABLE_ROWS = (
     ('balanced_accuracy', 'balanced accuracy'),
     ('roc_auc', 'roc auc'),
 )
+
+
+def final_report(workdir: str | os.PathLike, outputs: dict[str, np.ndarray], history: Sequence[dict[str, Any]],
+                 details: dict[str, Any], seed: int, grid_size: int, write: bool = True) -> dict[str, Any]:
+  """The test metrics of a run's chosen epoch, and (with `write`) the files a finished run leaves.
+
+  `outputs` are the test split's gathered logits and labels, with this process's images (`local_*`,
+  `steps.split_outputs`); `details` (best epoch, checkpoint, split sizes, ...) join the metrics.
+  Writes test_metrics.json, history.json, training_curves.png, confusion_matrix.png, roc_curve.png and
+  prediction_grid.png (`grid_size` test images drawn with `seed`) under `workdir`.
+  """
+  result = metrics.from_logits(outputs['label'], outputs['logits'], bootstrap_samples=1000, seed=seed)
+  result.update(details)
+  if not write:
+    return result
+  workdir = Path(workdir)
+  write_json(workdir / 'test_metrics.json', result)
+  write_json(workdir / 'history.json', history)
+  probabilities = metrics.probabilities(outputs['logits'])[:, 1]
+  plot_training_curves(history, result['best_epoch'], workdir / 'training_curves.png')
+  plot_confusion_matrix(result['confusion_matrix'], workdir / 'confusion_matrix.png')
+  plot_roc_curve(outputs['label'], probabilities, workdir / 'roc_curve.png')
+  rng = np.random.default_rng(seed)
+  count = min(grid_size, len(outputs['local_label']))
+  chosen = np.sort(rng.choice(len(outputs['local_label']), count, replace=False))
+  plot_prediction_grid(outputs['local_image'][chosen], outputs['local_label'][chosen],
+                       outputs['local_logits'][chosen].argmax(-1), chosen, workdir / 'prediction_grid.png')
+  return result
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -10,6 +10,8 @@ only a hidden temporary directory beside OUT.
 
 import collections
 import concurrent.futures
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -19,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from tqdm import tqdm
 
+from covid_jax import runtime
 from data_prep import duplicates, images, patients, split
-from data_prep.tfds_builder import CLASS_NAMES, VERSION, CovidXray
+
+with runtime.quiet_tensorflow_import():  # TensorFlow's native INFO lines on import.
+  import tensorflow_datasets as tfds
+  from data_prep.tfds_builder import CLASS_NAMES, VERSION, CovidXray
 
 _SYSTEM_FILES = {'thumbs.db', 'desktop.ini', '.ds_store'}
 _SYSTEM_DIRS = {'__macosx'}
@@ -194,7 +199,8 @@ def write(manifest: Mapping[str, Any], to_write: Mapping[str, list[dict]], data_
   try:
     _quiet_tfds()
     builder = CovidXray(examples=to_write, data_dir=str(tmp))
-    builder.download_and_prepare(download_dir=str(tmp / '.downloads'), download_config=_download_config())
+    with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints where it writes the temporary folder.
+      builder.download_and_prepare(download_dir=str(tmp / '.downloads'), download_config=_download_config())
     shutil.rmtree(tmp / '.downloads', ignore_errors=True)
     (tmp / 'manifest.json').write_text(json.dumps(manifest, indent=1) + '\n')
     if data_dir.exists():

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py: a tiny end-to-end run, and the Markdown section it owns."""
+"""benchmarks/benchmark.py: a tiny end-to-end run, and the Markdown section it owns."""
 
 import json
 import os
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-_SCRIPTS = Path(__file__).resolve().parents[1] / 'scripts'
-sys.path.insert(0, str(_SCRIPTS))
-import benchmark  # noqa: E402
+from benchmarks import benchmark
+
+_REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
@@ -20,9 +20,9 @@ def test_end_to_end_tiny(tmp_path):
   markdown, results = tmp_path / 'BENCHMARKS.md', tmp_path / 'out.json'
   markdown.write_text('# Benchmarks\n\nHand-written notes stay.\n')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  subprocess.run([sys.executable, str(_SCRIPTS / 'benchmark.py'), '--backbones', 'vgg16@32', '--batch_sizes', '2,4',
+  subprocess.run([sys.executable, '-m', 'benchmarks.benchmark', '--backbones', 'vgg16@32', '--batch_sizes', '2,4',
                   '--frameworks', 'covid_jax,keras_tensorflow', '--repeats', '2', '--pipeline_images', '0',
-                  '--markdown', str(markdown), '--json', str(results)], check=True, env=env)
+                  '--markdown', str(markdown), '--json', str(results)], check=True, env=env, cwd=_REPO)
   data = json.loads(results.read_text())
   # Two batch sizes: the second train cell starts again from the variables the first one's steps donated.
   cells = {(r['mode'], r['batch_size'], r['framework']): r for r in data['rows']}
@@ -104,10 +104,10 @@ def test_merge_lists_only_the_commands_whose_rows_remain():
 
 @pytest.mark.parametrize('setting, retained', [('true', 1), ('false', 0)])
 def test_covid_jax_worker_retains_freed_host_memory_as_asked(tmp_path, monkeypatch, setting, retained):
-  import benchmark_worker
-  from covid_jax import host_memory
+  from benchmarks import benchmark_worker
+  from covid_jax import runtime
   calls = []
-  monkeypatch.setattr(host_memory, 'retain_freed_memory', lambda: calls.append(True))
+  monkeypatch.setattr(runtime, 'retain_freed_memory', lambda: calls.append(True))
   weights = str(tmp_path / 'vgg16.h5')
   benchmark_worker.export_weights('vgg16', 32, weights)
   monkeypatch.setattr(sys, 'argv', ['benchmark_worker.py', '--framework', 'covid_jax', '--backbone', 'vgg16',
@@ -126,14 +126,14 @@ def test_rejects_unknown_framework(capsys):
 
 def test_conv_backward_benchmark_times_ops_that_agree_with_tensorflow():
   """Its XLA ops compute TensorFlow's forward, input and kernel gradients (`measure` raises otherwise)."""
-  import benchmark_conv_backward
+  from benchmarks import benchmark_conv_backward
   seconds = benchmark_conv_backward.measure(batch_size=2, size=9, c_in=3, c_out=5, repeats=2)
   assert set(seconds) == {'xla', 'tensorflow'}
   assert all(set(ops) == set(benchmark_conv_backward.OPS) and min(ops.values()) > 0 for ops in seconds.values())
 
 
 def test_conv_backward_benchmark_rejects_a_wrong_formulation(monkeypatch):
-  import benchmark_conv_backward
+  from benchmarks import benchmark_conv_backward
   convolve = benchmark_conv_backward._conv
   # A true convolution (flipped kernel) instead of TensorFlow's cross-correlation.
   monkeypatch.setattr(benchmark_conv_backward, '_conv', lambda x, kernel: convolve(x, kernel[::-1, ::-1]))
@@ -143,9 +143,9 @@ def test_conv_backward_benchmark_rejects_a_wrong_formulation(monkeypatch):
 
 def test_first_step_script_times_every_stage_and_sums_them():
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  out = subprocess.run([sys.executable, str(_SCRIPTS / 'benchmark_first_step.py'), '--model', 'vgg16', '--image_size',
+  out = subprocess.run([sys.executable, '-m', 'benchmarks.benchmark_first_step', '--model', 'vgg16', '--image_size',
                         '32', '--batch_size', '2', '--given_backbone'], check=True, capture_output=True, text=True,
-                       env=env).stdout.strip().splitlines()
+                       env=env, cwd=_REPO).stdout.strip().splitlines()
   stages, total = out[-2].split('; total ')
   seconds = dict(part.rsplit(' ', 2)[:2] for part in stages.split(', '))
   assert list(seconds) == ['outline', 'initial variables', 'train state', 'train step', 'first run']

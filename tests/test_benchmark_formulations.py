@@ -1,15 +1,11 @@
-"""scripts/benchmark_formulations.py: every case timed in both formulations, and a wrong one caught."""
-
-import sys
-from pathlib import Path
+"""benchmarks/benchmark_formulations.py: every case timed in both formulations, and a wrong one caught."""
 
 import jax
 import numpy as np
 import pytest
 from jax import lax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts'))
-import benchmark_formulations  # noqa: E402
+from benchmarks import benchmark_formulations
 
 _QUICK = ['--batch_size', '1', '--scale', '16', '--repeats', '1', '--ops', 'max pool']
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from covid_jax.models import conv
+from covid_jax.models import conv, formulations
 
 
 def _keras_conv(x, kernel, bias, strides, pads, weight):
@@ -40,10 +40,10 @@ BLOCKS = {'chosen': None, 'rows': lambda n, out_h: (1, _largest_proper_divisor(o
           'images': lambda n, out_h: (_largest_proper_divisor(n), out_h)}
 
 
-@pytest.mark.parametrize('impl, blocks', [('native', 'chosen'), ('im2col', 'chosen'), ('im2col', 'rows'),
-                                          ('im2col', 'images'), ('products', 'chosen')])
+@pytest.mark.parametrize('formulation, blocks', [('native', 'chosen'), ('im2col', 'chosen'), ('im2col', 'rows'),
+                                                 ('im2col', 'images'), ('products', 'chosen')])
 @pytest.mark.parametrize('batch, height, width, c_in, c_out, window, stride, padding', CASES)
-def test_matches_keras_conv2d_and_its_gradients(batch, height, width, c_in, c_out, window, stride, padding, impl,
+def test_matches_keras_conv2d_and_its_gradients(batch, height, width, c_in, c_out, window, stride, padding, formulation,
                                                 blocks, monkeypatch):
   if BLOCKS[blocks]:
     monkeypatch.setattr(conv, 'block_shape', lambda n, out_h, *_: BLOCKS[blocks](n, out_h))
@@ -51,7 +51,7 @@ def test_matches_keras_conv2d_and_its_gradients(batch, height, width, c_in, c_ou
   x = rng.normal(size=(batch, height, width, c_in)).astype(np.float32)
   kernel = rng.normal(size=(window, window, c_in, c_out)).astype(np.float32)
   bias = rng.normal(size=c_out).astype(np.float32)
-  module = conv.Conv(c_out, (window, window), stride, padding, impl=impl)
+  module = conv.Conv(c_out, (window, window), stride, padding, formulation=formulation)
   params = {'params': {'kernel': kernel, 'bias': bias}}
   pads = padding if not isinstance(padding, str) else jax.lax.padtype_to_pads(
       (height, width), (window, window), (stride, stride), padding)
@@ -73,6 +73,7 @@ def test_matches_keras_conv2d_and_its_gradients(batch, height, width, c_in, c_ou
 def test_pointwise_conv_matches_keras_1x1_conv2d_and_its_gradients(batch, size, c_in, c_out, stride, use_bias, blocks,
                                                                     monkeypatch):
   # 'matmul': XLA's kernel gradient; the others: by blocks of pixels, as chosen or forced to rows or images.
+  # The CPU's 'by_size' takes blocks for these small outputs only from a threshold of 0 bytes.
   if blocks != 'matmul':
     monkeypatch.setattr(conv, 'POINTWISE_BLOCKS_MIN_BYTES', 0)
   if BLOCKS.get(blocks):
@@ -81,7 +82,7 @@ def test_pointwise_conv_matches_keras_1x1_conv2d_and_its_gradients(batch, size, 
   x = rng.normal(size=(batch, size, size, c_in)).astype(np.float32)
   kernel = rng.normal(size=(1, 1, c_in, c_out)).astype(np.float32)
   bias = rng.normal(size=c_out).astype(np.float32) if use_bias else None
-  module = conv.PointwiseConv(c_out, stride, use_bias)
+  module = conv.PointwiseConv(c_out, stride, use_bias, formulations.CPU.pointwise)
   params = {'params': {'kernel': kernel, **({'bias': bias} if use_bias else {})}}
   out_size = (size - 1) // stride + 1
   weight = rng.normal(size=(batch, out_size, out_size, c_out)).astype(np.float32)
@@ -98,13 +99,16 @@ def test_pointwise_conv_matches_keras_1x1_conv2d_and_its_gradients(batch, size, 
 
 
 @pytest.mark.parametrize('batch, want_blocks', [(32, True), (31, False)])
-def test_auto_takes_pointwise_blocks_on_the_cpu_from_8_mib_of_output(batch, want_blocks):
+def test_cpu_takes_pointwise_blocks_from_8_mib_of_output(batch, want_blocks):
   # 64 x 64 pixels x 16 float32 outputs: 1/4 MiB per image.
-  assert jax.default_backend() == 'cpu' and conv.POINTWISE_BLOCKS_MIN_BYTES == 8 * 2**20
+  assert formulations.for_platform('cpu').pointwise == 'by_size' and conv.POINTWISE_BLOCKS_MIN_BYTES == 8 * 2**20
   kernel = jnp.zeros((8, 16))
   x = jax.ShapeDtypeStruct((batch, 64, 64, 8), jnp.float32)
-  jaxpr = jax.make_jaxpr(lambda x: conv.pointwise_conv(x, kernel))(x)
+  jaxpr = jax.make_jaxpr(lambda x: conv.pointwise_conv(x, kernel, formulations.CPU.pointwise))(x)
   assert ('custom_vjp_call' in str(jaxpr)) == want_blocks
+  # Other backends keep XLA's gradient at any size.
+  jaxpr = jax.make_jaxpr(lambda x: conv.pointwise_conv(x, kernel, formulations.for_platform('gpu').pointwise))(x)
+  assert 'custom_vjp_call' not in str(jaxpr)
 
 
 @pytest.mark.parametrize('shape, want', [
@@ -133,22 +137,24 @@ def test_bfloat16_kernel_gradient_is_float32_within_input_rounding():
 
 
 @pytest.mark.parametrize('batch, want', [(2, 'im2col'), (1, 'native')])
-def test_auto_takes_im2col_on_the_cpu_for_large_gradients_only(batch, want):
+def test_cpu_takes_im2col_for_large_gradients_only(batch, want):
   # 2 * batch * 112 * 112 output pixels * (3 * 3 * 128 inputs) * 128 outputs: 3.7 GFLOP per image.
-  assert jax.default_backend() == 'cpu'
+  assert formulations.for_platform('cpu').conv == 'by_size'
   x, kernel = jax.ShapeDtypeStruct((batch, 112, 112, 128), jnp.float32), jnp.zeros((3, 3, 128, 128))
-  jaxpr = jax.make_jaxpr(lambda x: conv.conv2d(x, kernel))(x)
+  jaxpr = jax.make_jaxpr(lambda x: conv.conv2d(x, kernel, formulation=formulations.CPU.conv))(x)
   assert ('custom_vjp_call' in str(jaxpr)) == (want == 'im2col')
-  assert conv.resolve_impl('native', 1e15, 9) == 'native'
+  assert conv.resolve('native', 1e15, 9) == 'native'
+  assert conv.resolve(formulations.for_platform('gpu').conv, 1e15, 9) == 'native'
 
 
 @pytest.mark.parametrize('window, c_in, want', [(3, 3, 'products'), (7, 3, 'convolution'), (3, 4, 'convolution'),
                                                 (1, 27, 'products')])
-def test_auto_takes_products_on_the_cpu_up_to_27_per_output_value(window, c_in, want):
+def test_cpu_takes_products_up_to_27_per_output_value(window, c_in, want):
   # VGG16's and NASNet's first layers (3x3 over RGB) take them; ResNet50's 7x7 stem (147) does not.
-  assert jax.default_backend() == 'cpu' and conv.PRODUCTS_MAX_TERMS == 27
+  assert formulations.for_platform('cpu').conv == 'by_size' and conv.PRODUCTS_MAX_TERMS == 27
   kernel = jnp.zeros((window, window, c_in, 8))
-  jaxpr = str(jax.make_jaxpr(lambda x: conv.conv2d(x, kernel, (2, 2), 'VALID'))(jnp.zeros((1, 16, 16, c_in))))
+  jaxpr = str(jax.make_jaxpr(lambda x: conv.conv2d(x, kernel, (2, 2), 'VALID', formulations.CPU.conv))(
+      jnp.zeros((1, 16, 16, c_in))))
   assert ('conv_general_dilated' in jaxpr) == (want == 'convolution')
 
 
@@ -163,6 +169,6 @@ def test_bfloat16_products_stay_bfloat16_within_input_rounding():
   np.testing.assert_allclose(np.float32(got), want, rtol=0, atol=0.02 * np.abs(want).max())
 
 
-def test_unknown_implementation_is_named():
+def test_unknown_formulation_is_named():
   with pytest.raises(ValueError, match="'winograd'"):
-    conv.conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), impl='winograd')
+    conv.conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), formulation='winograd')

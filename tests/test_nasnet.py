@@ -9,14 +9,13 @@ import pytest
 import tensorflow as tf
 
 from covid_jax import models, port
-from covid_jax.models import depthwise
+from covid_jax.models import depthwise, formulations, windows
 from covid_jax.port.keras_models import keras_backbone
 from tests.keras_reference import randomize_batch_norm, relative_error
 
 # The smallest legal NASNet; skip_reduction is given per test.
 SMALL = dict(penultimate_filters=96, num_blocks=1, stem_block_filters=8, filter_multiplier=2)
 SMALL_SIZES = ((32, 32), (65, 65), (70, 58))
-IMPLS = ('shifted', 'grouped')
 # One of each kind of weight: stem conv, strided and plain separable convs, both adjust paths.
 KERNELS = ('stem_conv1', 'adjust_conv_1_stem_2', 'adjust_conv_projection_reduce_2', 'normal_conv_1_3')
 SEPARABLES = ('separable_conv_1_reduction_right1_stem_2', 'separable_conv_2_normal_left1_2')
@@ -47,14 +46,16 @@ def _flax_count(variables) -> int:
   return sum(leaf.size for leaf in jax.tree.leaves(variables))
 
 
-# The CPU default ('auto' = shifted products) at every size; the grouped convolution at the non-square one.
-@pytest.mark.parametrize('size, impl', [*((size, 'auto') for size in SMALL_SIZES), ((70, 58), 'grouped')],
+# The CPU's formulations (shifted products) at every size; the grouped convolution at the non-square one.
+@pytest.mark.parametrize('size, depthwise_formulation', [*((size, 'cpu') for size in SMALL_SIZES),
+                                                         ((70, 58), 'grouped')],
                          ids=lambda v: f'{v[0]}x{v[1]}' if isinstance(v, tuple) else v)
 @pytest.mark.parametrize('skip_reduction', (True, False))
-def test_small_matches_keras(small_ported, skip_reduction, size, impl):
+def test_small_matches_keras(small_ported, skip_reduction, size, depthwise_formulation):
   keras_model, variables = small_ported(skip_reduction, *size)
   x = _images((2, *size, 3))
-  backbone = models.create_backbone('nasnet', **SMALL, skip_reduction=skip_reduction, depthwise_impl=impl)
+  chosen = formulations.for_platform('cpu', depthwise=None if depthwise_formulation == 'cpu' else depthwise_formulation)
+  backbone = models.create_backbone('nasnet', chosen, **SMALL, skip_reduction=skip_reduction)
   got = jax.jit(backbone.apply)(variables, x)
   want = keras_model(x, training=False).numpy()
   assert got.shape == want.shape
@@ -98,7 +99,8 @@ def test_gradients_match_gradient_tape(small_ported):
     loss = tf.reduce_sum(keras_model(x_tf, training=False) * weight)
   want_x, *want_kernels = tape.gradient(loss, [x_tf, *wrt])
 
-  backbone = models.create_backbone('nasnet', **SMALL, skip_reduction=False, depthwise_impl='shifted')
+  backbone = models.create_backbone('nasnet', formulations.for_platform('cpu', depthwise='shifted'), **SMALL,
+                                    skip_reduction=False)
 
   def scalar(params, x):
     return jnp.sum(backbone.apply({**variables, 'params': params}, x) * weight)
@@ -146,12 +148,12 @@ def test_half_precision_keeps_float32_parameters(small_ported):
   assert relative_error(got, keras_model(x, training=False).numpy()) <= 5e-2
 
 
-@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('formulation', formulations.DEPTHWISE)
 @pytest.mark.parametrize('multiplier', (1, 2))
 # Stride 3 splits the 3x5 kernel's taps unevenly among the phases; stride 4 leaves a row phase without any.
 @pytest.mark.parametrize('stride, padding', [(1, 'SAME'), (2, 'SAME'), (1, 'VALID'), (2, 'VALID'),
                                              (2, ((1, 2), (2, 1))), (3, 'SAME'), (4, 'VALID')])
-def test_depthwise_conv_and_gradients_match_tensorflow(impl, multiplier, stride, padding):
+def test_depthwise_conv_and_gradients_match_tensorflow(formulation, multiplier, stride, padding):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 11, 8, 3)).astype(np.float32)
   kernel = rng.normal(size=(3, 5, 3, multiplier)).astype(np.float32)  # TensorFlow's (h, w, C, multiplier).
@@ -165,7 +167,7 @@ def test_depthwise_conv_and_gradients_match_tensorflow(impl, multiplier, stride,
   want_dx, want_dkernel = tape.gradient(loss, [x_tf, kernel_tf])
 
   def conv(x, grouped_kernel):
-    return depthwise.depthwise_conv(x, grouped_kernel, (stride, stride), padding, impl)
+    return depthwise.depthwise_conv(x, grouped_kernel, (stride, stride), padding, formulation)
 
   got, vjp = jax.vjp(conv, x, kernel.reshape(3, 5, 1, 3 * multiplier))
   got_dx, got_dkernel = vjp(jnp.asarray(weight))
@@ -179,7 +181,7 @@ def test_depthwise_conv_and_gradients_match_tensorflow(impl, multiplier, stride,
 @pytest.mark.parametrize('stride', (1, 2))
 def test_shifted_kernel_gradient_in_blocks_of_images_matches_tensorflow(images_per_block, stride, monkeypatch):
   batch, height, width, channels, window = 4, 11, 8, 3, (3, 5)
-  pads = depthwise.explicit_pads((height, width), window, (stride, stride), 'SAME')
+  pads = windows.explicit_pads((height, width), window, (stride, stride), 'SAME')
   padded_pixels = (height + sum(pads[0])) * (width + sum(pads[1]))
   out_pixels = -(-height // stride) * -(-width // stride)
   monkeypatch.setattr(depthwise, 'KERNEL_GRADIENT_BLOCK_BYTES', images_per_block * 4 * channels
@@ -205,21 +207,21 @@ def test_shifted_kernel_gradient_in_blocks_of_images_matches_tensorflow(images_p
   assert relative_error(got_dkernel.reshape(kernel.shape), want_dkernel) <= 1e-6
 
 
-@pytest.mark.parametrize('impl', IMPLS)
-def test_depthwise_conv_in_bfloat16_returns_bfloat16(impl):
+@pytest.mark.parametrize('formulation', formulations.DEPTHWISE)
+def test_depthwise_conv_in_bfloat16_returns_bfloat16(formulation):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 9, 9, 3)), jnp.bfloat16)
   kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 1)), jnp.bfloat16)  # TensorFlow's (h, w, C, multiplier).
-  got = depthwise.depthwise_conv(x, kernel.reshape(3, 3, 1, 3), (1, 1), 'SAME', impl)
+  got = depthwise.depthwise_conv(x, kernel.reshape(3, 3, 1, 3), (1, 1), 'SAME', formulation)
   assert got.dtype == jnp.bfloat16
   want = tf.nn.depthwise_conv2d(np.asarray(x, np.float32), np.asarray(kernel, np.float32), (1, 1, 1, 1), 'SAME')
   assert relative_error(np.asarray(got, np.float32), want) <= 1e-2  # The output's rounding to 8 mantissa bits.
 
 
-def test_depthwise_auto_avoids_grouped_convolution_on_cpu():
+def test_cpu_depthwise_avoids_grouped_convolution():
   x, kernel = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 1, 4))
-  jaxpr = str(jax.make_jaxpr(functools.partial(depthwise.depthwise_conv, impl='auto'))(x, kernel))
-  assert jax.default_backend() == 'cpu'
+  cpu = formulations.for_platform('cpu').depthwise
+  jaxpr = str(jax.make_jaxpr(functools.partial(depthwise.depthwise_conv, formulation=cpu))(x, kernel))
   assert 'conv_general_dilated' not in jaxpr
 
 
@@ -231,7 +233,8 @@ def test_scanned_cells_equal_unrolled_cells():
   batch amplifies rounding differences to 1e-5 relative.
   """
   # The scan does not depend on the depthwise formulation; the grouped one compiles faster.
-  args = dict(SMALL, num_blocks=3, skip_reduction=True, depthwise_impl='grouped', dtype=jnp.float64)
+  args = dict(SMALL, num_blocks=3, skip_reduction=True, dtype=jnp.float64,
+              formulations=formulations.for_platform('cpu', depthwise='grouped'))
   scanned, unrolled = (models.create_backbone('nasnet', **args, scan_cells=s) for s in (True, False))
   with jax.enable_x64(True):
     x = jnp.asarray(_images((2, 40, 40, 3)), jnp.float64)
@@ -264,7 +267,8 @@ def test_remat_recomputes_the_same_step_in_less_memory():
   as for the scan above: recomputed in other fusions, float32 BN on a small batch's few values puts some
   gradients only 1e-2 from float64's (either BatchNorm, flax's own or the closed form).
   """
-  args = dict(SMALL, num_blocks=3, skip_reduction=True, depthwise_impl='grouped', dtype=jnp.float64)
+  args = dict(SMALL, num_blocks=3, skip_reduction=True, dtype=jnp.float64,
+              formulations=formulations.for_platform('cpu', depthwise='grouped'))
   plain, remat = (models.create_backbone('nasnet', **args, remat=r) for r in (False, True))
   with jax.enable_x64(True):
     x = jnp.asarray(_images((2, 40, 40, 3)), jnp.float64)

@@ -23,7 +23,8 @@ from flax import traverse_util
 from sklearn import metrics as sk_metrics
 
 from configs import default, demo
-from covid_jax import train
+from covid_jax import metrics, model_init, progress, runtime, state, steps, train
+from covid_jax.config_checks import validate_config
 from covid_jax.models import conv, depthwise
 from covid_jax.models.head import FIRST_DENSE
 from covid_jax.port import keras_models, store
@@ -35,7 +36,7 @@ TINY = {
     'model.image_size': 32,
     'model.nasnet.penultimate_filters': 96,
     'model.nasnet.stem_block_filters': 8,
-    'model.nasnet.depthwise_impl': 'grouped',  # Its gradients compile ~5x faster on CPU.
+    'formulations.depthwise': 'grouped',  # Its gradients compile several times faster on CPU.
     'model.head.dims': (16,),
     'num_epochs': 3,
     'warmup_epochs': 0,
@@ -97,9 +98,9 @@ def test_frozen_backbone_is_bit_identical(built_dataset, tmp_path):
   data_dir, _ = built_dataset
   config = tiny_config(data_dir, num_epochs=1, freeze_backbone=True)
   trainer = train.Trainer(config, str(tmp_path))
-  state = train._replicate(trainer.new_state(train.initial_variables(trainer.model, config), 0), trainer.mesh)
+  state = steps.replicate(trainer.new_state(model_init.initial_variables(trainer.model, config), 0), trainer.mesh)
   before = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
-  train_fn, _ = train.compile_steps(trainer.mesh, trainer.phases[0], config)
+  train_fn, _ = trainer.compile_steps(trainer.phases[0])
   state, _ = train._train_epoch(trainer, train_fn, state, epoch=1)
   after = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
   for collection in ('params', 'batch_stats'):
@@ -121,11 +122,11 @@ def test_fine_tune_unfreezes_trailing_layers_counted_in_keras_order(built_datase
   config.update_from_flattened_dict({'freeze_backbone': True, 'fine_tune.num_epochs': 1,
                                      'fine_tune.unfreeze_layers': 7})
   trainer = train.Trainer(config, str(tmp_path))
-  keras_model = keras_backbone(name, (32, 32, 3), **train.backbone_args(config))
+  keras_model = keras_backbone(name, (32, 32, 3), **model_init.backbone_args(config))
   weighted = [layer.name for layer in keras_model.layers
               if layer.weights and not isinstance(layer, keras.layers.BatchNormalization)]
   variables = trainer.outline.variables
-  labels = train.param_labels(variables['params'], variables['batch_stats'], trainer.layer_order, trainer.phases[1], 7)
+  labels = state.param_labels(variables['params'], variables['batch_stats'], trainer.layer_order, trainer.phases[1], 7)
   unfrozen = {layer for layer, tree in labels['backbone'].items() if set(jax.tree.leaves(tree)) == {'train'}}
   assert unfrozen == set(weighted[-7:])
   assert set(jax.tree.leaves(labels['head'])) == {'train'}
@@ -135,7 +136,7 @@ def test_fine_tune_unfreezes_trailing_layers_counted_in_keras_order(built_datase
 
 @pytest.mark.parametrize('separate_update', (True, False), ids=('two programs', 'one program'))
 def test_train_step_is_one_sgd_step_on_the_trainable_parameters(built_dataset, tmp_path, separate_update):
-  """The step, in both of its forms (see train.TrainStep), against SGD's first step written out here.
+  """The step, in both of its forms (see steps.TrainStep), against SGD's first step written out here.
 
   The fine-tune phase, with 3 trailing VGG16 layers unfrozen: the trainable parameters move by -lr g (the
   momentum starts at zero), g the gradient of the loss written below; every other parameter stays as it was.
@@ -148,9 +149,9 @@ def test_train_step_is_one_sgd_step_on_the_trainable_parameters(built_dataset, t
                                      'fine_tune.unfreeze_layers': 3, 'model.head.dropout': 0.0,
                                      'model.head.batch_norm': False, 'model.head.l1': 1e-3, 'model.head.l2': 1e-2})
   trainer = train.Trainer(config, str(tmp_path))
-  variables = train.initial_variables(trainer.model, config, outline=trainer.outline)
+  variables = model_init.initial_variables(trainer.model, config, outline=trainer.outline)
   phase = trainer.phases[1]
-  state = train._replicate(trainer.new_state(variables, 1), trainer.mesh)
+  state = steps.replicate(trainer.new_state(variables, 1), trainer.mesh)
   batch = next(trainer.readers['train'].train_epoch(8, 1, 0, flip=False, contrast=0.0))
   images, labels = np.asarray(batch['image']), np.asarray(batch['label'])
 
@@ -164,10 +165,10 @@ def test_train_step_is_one_sgd_step_on_the_trainable_parameters(built_dataset, t
             + config.model.head.l1 * jnp.abs(kernel).sum() + config.model.head.l2 * jnp.square(kernel).sum())
 
   grads = jax.jit(jax.grad(loss))(variables['params'])
-  lr = float(train.make_schedule(phase, trainer.steps_per_epoch)(0))
+  lr = float(state.make_schedule(phase, trainer.steps_per_epoch)(0))
   flat = lambda tree: {'/'.join(path): np.array(leaf) for path, leaf in traverse_util.flatten_dict(tree).items()}
   before, gradient = flat(variables['params']), flat(grads)  # Copied: the step donates the state's arrays.
-  train_fn, _ = train.compile_steps(trainer.mesh, phase, config, separate_update=separate_update)
+  train_fn, _ = steps.compile_steps(trainer.mesh, phase, config, separate_update=separate_update)
   after = flat(train_fn(state, batch, jax.random.key(0))[0].params)
   unfrozen = {'block5_conv1', 'block5_conv2', 'block5_conv3'}
   trainable = {path for path in before if path.startswith('head/') or path.split('/')[1] in unfrozen}
@@ -180,15 +181,17 @@ def test_train_step_is_one_sgd_step_on_the_trainable_parameters(built_dataset, t
 
 
 def test_train_step_is_two_programs_on_a_cpu():
-  """Two programs compile side by side on a CPU; elsewhere the step is one program (train.TrainStep)."""
+  """Two programs compile side by side on a CPU; elsewhere the step is one program (steps.TrainStep)."""
   config = default.get_config()
+  assert model_init.choose_formulations(config, 'cpu').separate_update
+  assert not model_init.choose_formulations(config, 'gpu').separate_update
   mesh = jax.make_mesh((1,), ('data',), devices=jax.devices('cpu')[:1])
-  assert train.compile_steps(mesh, train.make_phases(config)[0], config)[0].separate_update
+  assert steps.compile_steps(mesh, state.make_phases(config)[0], config, separate_update=True)[0].separate_update
 
 
 def _ported_tiny_backbone(config: ml_collections.ConfigDict, directory: Path, layer_order: list[str]) -> None:
   """Writes the tiny model's backbone as ported weights whose port_info.json records `layer_order`."""
-  outline = train.model_outline(train.create_model(config), config).variables
+  outline = model_init.model_outline(model_init.create_model(config), config).variables
   variables = {col: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree['backbone'])
                for col, tree in outline.items()}
   store.save_ported(str(directory), variables, {'model': config.model.name, 'layer_order': layer_order})
@@ -197,7 +200,7 @@ def _ported_tiny_backbone(config: ml_collections.ConfigDict, directory: Path, la
 def test_fine_tune_takes_the_layer_order_the_port_recorded(built_dataset, tmp_path, monkeypatch):
   """With ported weights, the trailing layers are counted in port_info.json's order; Keras is not built."""
   data_dir, _ = built_dataset
-  keras_order = keras_backbone('nasnet', (32, 32, 3), **train.backbone_args(tiny_config(data_dir)), seed=None).layers
+  keras_order = keras_backbone('nasnet', (32, 32, 3), **model_init.backbone_args(tiny_config(data_dir)), seed=None).layers
   recorded = [layer.name for layer in keras_order][::-1]  # Any order the port wrote is the one used.
   config = tiny_config(data_dir, init_from=str(tmp_path / 'ported'), freeze_backbone=True,
                        **{'fine_tune.num_epochs': 1, 'fine_tune.unfreeze_layers': 3})
@@ -206,7 +209,7 @@ def test_fine_tune_takes_the_layer_order_the_port_recorded(built_dataset, tmp_pa
   trainer = train.Trainer(config, str(tmp_path / 'run'))
   assert trainer.layer_order == recorded
   params, stats = trainer.outline.variables['params'], trainer.outline.variables['batch_stats']
-  labels = train.param_labels(params, stats, trainer.layer_order, trainer.phases[1], 3)
+  labels = state.param_labels(params, stats, trainer.layer_order, trainer.phases[1], 3)
   unfrozen = {layer for layer, tree in labels['backbone'].items() if set(jax.tree.leaves(tree)) == {'train'}}
   weighted = [name for name in recorded if name in params['backbone'] and name not in stats['backbone']]
   assert unfrozen == set(weighted[-3:])
@@ -222,7 +225,7 @@ def test_fine_tune_takes_the_layer_order_the_port_recorded(built_dataset, tmp_pa
     ([0.9, 0.8, 0.7], 2, 0.0, 3, 1),
 ])
 def test_early_stopping_rule(values, patience, min_delta, stop_epoch, best_epoch):
-  stopper = train.EarlyStopping('val_accuracy', patience, min_delta)
+  stopper = progress.EarlyStopping('val_accuracy', patience, min_delta)
   for epoch, value in enumerate(values, start=1):
     stopper.update(value, epoch)
     if stopper.should_stop:
@@ -233,13 +236,13 @@ def test_early_stopping_rule(values, patience, min_delta, stop_epoch, best_epoch
 def test_early_stopping_keeps_the_best_checkpoint(built_dataset, tmp_path, monkeypatch):
   data_dir, _ = built_dataset
   scripted = iter([0.50, 0.70, 0.65, 0.70, 0.60, 0.69, 0.99])
-  real = train.split_metrics
+  real = metrics.split_metrics
 
   def scripted_val(outputs, smoothing, prefix):
     scores = real(outputs, smoothing, prefix)
     return {**scores, 'val_accuracy': next(scripted)} if prefix == 'val' else scores
 
-  monkeypatch.setattr(train, 'split_metrics', scripted_val)
+  monkeypatch.setattr(metrics, 'split_metrics', scripted_val)
   config = tiny_config(data_dir, num_epochs=7, **{'early_stopping.patience': 3})
   result = train.train_and_evaluate(config, str(tmp_path))
   assert [r['epoch'] for r in _history(tmp_path)] == [1, 2, 3, 4, 5]
@@ -286,7 +289,7 @@ def test_test_metrics_agree_with_sklearn_on_fixed_logits(built_dataset, tmp_path
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 2, n)
   logits = rng.normal(size=(n, 2)) + np.stack([1 - labels, labels], 1) * 0.8
-  real = train.evaluate
+  real = steps.split_outputs
 
   def fixed(eval_fn, state, reader, batch_size, keep_images=False):
     outputs = real(eval_fn, state, reader, batch_size, keep_images)
@@ -294,7 +297,7 @@ def test_test_metrics_agree_with_sklearn_on_fixed_logits(built_dataset, tmp_path
       outputs.update(label=labels, logits=logits)
     return outputs
 
-  monkeypatch.setattr(train, 'evaluate', fixed)
+  monkeypatch.setattr(steps, 'split_outputs', fixed)
   train.train_and_evaluate(tiny_config(data_dir, num_epochs=1), str(tmp_path))
   written = json.loads((tmp_path / 'test_metrics.json').read_text())
   predicted = logits.argmax(1)
@@ -334,7 +337,7 @@ def test_run_once_compilation_draws_what_the_default_compilation_draws():
 
   def init():
     return module.init(jax.random.key(3), jnp.zeros((1, 16, 16, 32)))
-  jax.tree.map(np.testing.assert_array_equal, train.compile_and_run_once(init), jax.jit(init)())
+  jax.tree.map(np.testing.assert_array_equal, runtime.compile_and_run_once(init), jax.jit(init)())
 
 
 @contextlib.contextmanager
@@ -361,22 +364,22 @@ def _full_collections() -> Iterator[list[int]]:
 
 
 def test_tracing_a_model_starts_no_full_garbage_collection(built_dataset, tmp_path):
-  """The model's outline and the train step's compilation hold full collections back (covid_jax/python_gc.py);
+  """The model's outline and the train step's compilation hold full collections back (covid_jax/runtime.py);
   the same functions undecorated start them under the same collector settings."""
   data_dir, _ = built_dataset
   config = tiny_config(data_dir)
   trainer = train.Trainer(config, str(tmp_path))
-  variables = train.initial_variables(trainer.model, config, outline=trainer.outline)
-  state = train._replicate(trainer.new_state(variables, 0), trainer.mesh)
+  variables = model_init.initial_variables(trainer.model, config, outline=trainer.outline)
+  state = steps.replicate(trainer.new_state(variables, 0), trainer.mesh)
   batch = next(trainer.readers['train'].train_epoch(config.batch_size, 1, 0, flip=False, contrast=0.0))
   traced = {
       'outline': lambda outline: outline(trainer.model, config),
       # A new step each time, so that nothing of the previous trace is reused.
-      'train step': lambda compile: compile(train.compile_steps(trainer.mesh, trainer.phases[0], config)[0],
+      'train step': lambda compile: compile(trainer.compile_steps(trainer.phases[0])[0],
                                             state, batch, jax.random.key(0)),
   }
-  undecorated = {'outline': train.model_outline.__wrapped__, 'train step': train.TrainStep.compile.__wrapped__}
-  decorated = {'outline': train.model_outline, 'train step': train.TrainStep.compile}
+  undecorated = {'outline': model_init.model_outline.__wrapped__, 'train step': steps.TrainStep.compile.__wrapped__}
+  decorated = {'outline': model_init.model_outline, 'train step': steps.TrainStep.compile}
   for name, trace in traced.items():
     with _full_collections() as without_deferral:
       trace(undecorated[name])
@@ -387,10 +390,10 @@ def test_tracing_a_model_starts_no_full_garbage_collection(built_dataset, tmp_pa
 
 def test_given_backbone_replaces_the_random_one_and_leaves_the_head_as_drawn(tmp_path):
   config = tiny_config(tmp_path)
-  model = train.create_model(config)
-  drawn = train.initial_variables(model, config)
+  model = model_init.create_model(config)
+  drawn = model_init.initial_variables(model, config)
   ported = jax.tree.map(lambda v: v + 1.0, {col: drawn[col]['backbone'] for col in drawn})
-  variables = train.initial_variables(model, config, backbone=ported)
+  variables = model_init.initial_variables(model, config, backbone=ported)
   assert jax.tree.structure(variables) == jax.tree.structure(drawn)
   for col in drawn:
     jax.tree.map(np.testing.assert_array_equal, variables[col]['backbone'], ported[col])
@@ -401,13 +404,13 @@ def test_given_backbone_replaces_the_random_one_and_leaves_the_head_as_drawn(tmp
 def test_invalid_config_values_name_the_key(built_dataset, tmp_path):
   data_dir, _ = built_dataset
   with pytest.raises(ValueError, match='model.pooling'):
-    train.validate_config(tiny_config(data_dir, **{'model.pooling': 'mean'}))
-  with pytest.raises(ValueError, match=r'model\.nasnet\..*num_blocks.* only applies to NASNet backbones, not resnet50'):
-    train.validate_config(tiny_config(data_dir, **{'model.name': 'resnet50'}))
+    validate_config(tiny_config(data_dir, **{'model.pooling': 'mean'}))
+  with pytest.raises(ValueError, match=r'model\.nasnet\..*num_blocks.* only applies to the backbones nasnet.*, not resnet50'):
+    validate_config(tiny_config(data_dir, **{'model.name': 'resnet50'}))
   with pytest.raises(ValueError, match=r'fine_tune\.warmup_epochs 2 must be less than fine_tune\.num_epochs 2'):
-    train.validate_config(tiny_config(data_dir, **{'fine_tune.num_epochs': 2, 'fine_tune.warmup_epochs': 2}))
+    validate_config(tiny_config(data_dir, **{'fine_tune.num_epochs': 2, 'fine_tune.warmup_epochs': 2}))
   with pytest.raises(ValueError, match=r'config: warmup_epochs 1 must be less than num_epochs 1'):
-    train.validate_config(tiny_config(data_dir, num_epochs=1, warmup_epochs=1))
+    validate_config(tiny_config(data_dir, num_epochs=1, warmup_epochs=1))
 
 
 def _main_args(workdir: Path, *overrides: str, devices: int = 1, env_changes: dict[str, str | None] | None = None

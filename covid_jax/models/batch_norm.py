@@ -3,11 +3,11 @@
 flax's nn.BatchNorm leaves its backward pass to autodiff, through the two-pass
 variance and the cross-device means of both statistics. The closed form is one
 pass of three sums (of the cotangent g, of g times the normalised input, and of
-the normalised input) and one cross-device mean of them. NASNetLarge's gradients
-program (224 px, batch 8, CPU) then compiled in 34-36 s instead of 41-43 s, with
-no change in step time that the runs resolve (BENCHMARKS.md). The values agree
-with Keras's to float32 rounding, and the variables keep flax's names, so ported
-weights and checkpoints do not depend on the choice.
+the normalised input) and one cross-device mean of them: a smaller program,
+which NASNet's many BatchNorms make XLA compile sooner, at no cost in step time
+(benchmarks/BENCHMARKS.md). The values agree with Keras's to float32 rounding,
+and the variables keep flax's names, so ported weights and checkpoints do not
+depend on the choice.
 """
 
 import functools
@@ -75,9 +75,7 @@ def _normalize_bwd(epsilon, axis_name, residuals, cotangents):
   """dx = scale / sigma * (g - mean(g) - (x_hat - mean(x_hat)) * mean(g * x_hat)), means over every device's batch.
 
   mean(x_hat) is zero but for rounding; subtracting it keeps dx's sum at zero, as autodiff's last step
-  does. Where float32 loses digits anyway (the small random-init NASNet of tests/test_nasnet.py's remat
-  test), its worst gradient came 1.9% from float64's (3.5% recomputed under remat), against 1.1% (6.4%)
-  without the term and 2.8% (2.8%) with flax's autodiff.
+  does, which keeps float32 gradients closer to float64's where BN on a small batch loses digits anyway.
   Per device, as pmap's autodiff gives it: the parameters' gradients are this device's sums (the train
   step averages them over devices), while dx includes the other devices' share through the statistics.
   The statistics' own cotangents are ignored: `BatchNorm` stops gradients through them.

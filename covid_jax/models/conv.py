@@ -1,35 +1,34 @@
-"""Keras Conv2D, with its forward pass and kernel gradient in the formulations fast on the backend.
+"""Keras Conv2D, with its forward pass and kernel gradient in the formulation the model's `Formulations` names.
 
 A train step computes three convolutions per layer: the forward pass, the
 gradient with respect to the input, and the gradient with respect to the
 kernel, a contraction over every output pixel of the batch. XLA:CPU runs the
-first two near TensorFlow's speed, but its kernel gradient reaches only 24-124
-GFLOP/s, 2-5x slower than TensorFlow for VGG16 at 56-224 px. Written instead as
-matmuls over im2col patches (the k*k shifted input slices, side by side on the
-channel axis), built a block of output rows at a time so that they stay in the
-cache, the same gradient runs as fast or up to 5.5x faster for every large one:
-VGG16's layers, ResNet50's at batch 32 (BENCHMARKS.md). For small gradients
-the patch copies cost more than they save (ResNet50's 56 px 3x3 layers at
-batch 8: 31 against 22 ms), so 'auto' takes im2col on the CPU from 4 GFLOP up;
-other backends have native kernel gradients. The two kernel gradients agree to
-float32 rounding.
+first two near TensorFlow's speed, but its kernel gradient far slower. Written
+instead as matmuls over im2col patches (the k*k shifted input slices, side by
+side on the channel axis), built a block of output rows at a time so that they
+stay in the cache, a large kernel gradient runs as fast as TensorFlow's or
+faster; for a small one the patch copies cost more than they save. So 'by_size'
+takes im2col from IM2COL_MIN_FLOPS of kernel gradient. The two kernel gradients
+agree to float32 rounding.
 
 A convolution of few input channels (the first layer's RGB) is a poor fit for
-XLA:CPU's convolution kernels: NASNet's stem, 3x3/2 over RGB, ran at 17 GFLOP/s.
-Written as a sum over the window's taps and the input channels of one input
-channel times a row of the kernel (27 broadcast products for 3x3 over RGB), one
-elementwise fusion, its forward pass ran 2-9x faster (VGG16's first layer,
-NASNet's stems); over 7x7 (147 products, ResNet50's stem) it was 2.3x slower. So 'auto' takes
-these 'products' on the CPU up to PRODUCTS_MAX_TERMS products per output value;
-their gradients are XLA's. Elsewhere the forward pass is XLA's convolution.
+XLA:CPU's convolution kernels. Written as a sum over the window's taps and the
+input channels of one input channel times a row of the kernel (27 broadcast
+products for 3x3 over RGB), one elementwise fusion, its forward pass runs
+faster over a 3x3 window and slower over a 7x7 one (147 products). So 'by_size'
+takes these 'products' up to PRODUCTS_MAX_TERMS products per output value;
+their gradients are XLA's.
 
-A 1x1 convolution is a matmul over channels (`pointwise_conv`, `PointwiseConv`):
-XLA:CPU runs it 2-4x faster than the equivalent convolution op. Its kernel
+A 1x1 convolution is a matmul over channels (`pointwise_conv`, `PointwiseConv`),
+which XLA:CPU runs faster than the equivalent convolution op. Its kernel
 gradient contracts every pixel of the batch, and for it XLA:CPU first
-transposes the whole output cotangent; past the cache that copy dominates
-(ResNet50's 56-px 64->256 expansion at batch 32: 207 ms, against 37 ms summed
-over blocks of pixels). So from POINTWISE_BLOCKS_MIN_BYTES of cotangent 'auto'
-takes that gradient by blocks on the CPU, as the im2col gradient does.
+transposes the whole output cotangent; past the cache that copy dominates. So
+from POINTWISE_BLOCKS_MIN_BYTES of cotangent the pointwise 'by_size' takes that
+gradient by blocks of pixels, as the im2col gradient does.
+
+formulations.CPU chooses by size; ACCELERATOR keeps XLA's own convolution and
+matmul, whose gradients are fast there. benchmarks/BENCHMARKS.md ("Formulation
+choices") holds the measurements behind the thresholds.
 """
 
 import functools
@@ -42,36 +41,30 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from covid_jax.models.depthwise import Padding, divisors, explicit_pads, window_taps, zero_pad
+from covid_jax.models import formulations
+from covid_jax.models.windows import Padding, divisors, explicit_pads, window_taps, zero_pad
 
-# 'auto' picks per backend and size at trace time; the others force one formulation:
-# 'native' (XLA's forward and gradients), 'im2col' (its kernel gradient as matmuls), 'products' (the
-# forward pass as broadcast products).
-IMPLEMENTATIONS = ('auto', 'im2col', 'native', 'products')
-# Kernel-gradient FLOPs from which 'auto' takes im2col on the CPU.
+# Kernel-gradient FLOPs from which 'by_size' takes im2col.
 IM2COL_MIN_FLOPS = 4e9
-# Products per output value (window taps x input channels) up to which 'auto' takes 'products' on the CPU.
+# Products per output value (window taps x input channels) up to which 'by_size' takes 'products'.
 PRODUCTS_MAX_TERMS = 27
 # Bytes of one block of a kernel gradient by blocks (im2col patches; a 1x1's input and cotangent): they stay in cache.
 PATCH_BLOCK_BYTES = 4 * 2**20
-# Output-cotangent bytes of a 1x1 convolution from which 'auto' takes its kernel gradient by blocks on the CPU.
+# Output-cotangent bytes of a 1x1 convolution from which the pointwise 'by_size' takes its kernel gradient by blocks.
 POINTWISE_BLOCKS_MIN_BYTES = 8 * 2**20
 
 _DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 
 
-def resolve_impl(impl: str, flops: float, terms: int) -> str:
-  """The formulation `impl` stands for on the default backend.
+def resolve(formulation: str, flops: float, terms: int) -> str:
+  """The formulation ('native', 'im2col' or 'products') that conv `formulation` (formulations.CONV) stands for.
 
   For a convolution whose kernel gradient takes `flops` and whose output values each sum `terms`
   products (window taps x input channels).
   """
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f'Unknown convolution implementation {impl!r}; known: {IMPLEMENTATIONS}')
-  if impl != 'auto':
-    return impl
-  if jax.default_backend() != 'cpu':
-    return 'native'
+  formulations.check('conv', formulation)
+  if formulation != 'by_size':
+    return formulation
   if terms <= PRODUCTS_MAX_TERMS:
     return 'products'
   return 'im2col' if flops >= IM2COL_MIN_FLOPS else 'native'
@@ -83,8 +76,8 @@ def kernel_gradient_flops(output_pixels: int, kernel_shape: Sequence[int]) -> in
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), padding: Padding = 'SAME',
-           impl: str = 'auto') -> jax.Array:
-  """2D convolution of NHWC `x` with an HWIO `kernel`; `impl` chooses its formulation (IMPLEMENTATIONS).
+           formulation: str = formulations.ACCELERATOR.conv) -> jax.Array:
+  """2D convolution of NHWC `x` with an HWIO `kernel`, written as `formulation` (formulations.CONV) says.
 
   `padding` is 'SAME' (TensorFlow's), 'VALID', or explicit ((top, bottom), (left, right)) zero padding.
   """
@@ -92,11 +85,11 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), pad
   window = kernel.shape[:2]
   pads = explicit_pads(x.shape[1:3], window, strides, padding)
   out_h, out_w = ((size + lo + hi - k) // s + 1 for size, (lo, hi), k, s in zip(x.shape[1:3], pads, window, strides))
-  impl = resolve_impl(impl, kernel_gradient_flops(x.shape[0] * out_h * out_w, kernel.shape),
-                      int(np.prod(kernel.shape[:3])))
-  if impl == 'native':
+  chosen = resolve(formulation, kernel_gradient_flops(x.shape[0] * out_h * out_w, kernel.shape),
+                   int(np.prod(kernel.shape[:3])))
+  if chosen == 'native':
     return _conv(x, kernel, strides, pads)
-  if impl == 'products':
+  if chosen == 'products':
     return _conv_products(x, kernel, strides, pads)
   return _conv_im2col_gradient(x, kernel, strides, pads)
 
@@ -205,19 +198,26 @@ def _kernel_gradient_by_blocks(xp: jax.Array, g: jax.Array, window: Sequence[int
   return total.reshape(kh, kw, c_in, c_out)
 
 
-def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def pointwise_conv(x: jax.Array, kernel: jax.Array, formulation: str = formulations.ACCELERATOR.pointwise) -> jax.Array:
   """1x1 convolution of NHWC `x` with a (C_in, C_out) `kernel`: a matmul over channels.
 
-  Its kernel gradient is XLA's, or by blocks of pixels where `takes_pointwise_blocks` says so.
+  Its kernel gradient is XLA's ('matmul') or by blocks of pixels ('blocks'), as `resolve_pointwise` reads
+  `formulation` (formulations.POINTWISE).
   """
-  if takes_pointwise_blocks(x.size // x.shape[-1] * kernel.shape[-1] * x.dtype.itemsize):
+  if resolve_pointwise(formulation, x.size // x.shape[-1] * kernel.shape[-1] * x.dtype.itemsize) == 'blocks':
     return pointwise_conv_by_blocks(x, kernel)
   return jnp.dot(x, kernel)
 
 
-def takes_pointwise_blocks(output_bytes: int) -> bool:
-  """Whether 'auto' takes a 1x1 convolution's kernel gradient by blocks: on the CPU, from POINTWISE_BLOCKS_MIN_BYTES."""
-  return jax.default_backend() == 'cpu' and output_bytes >= POINTWISE_BLOCKS_MIN_BYTES
+def resolve_pointwise(formulation: str, output_bytes: int) -> str:
+  """'matmul' or 'blocks': what pointwise `formulation` stands for with `output_bytes` of output cotangent.
+
+  'by_size' takes blocks from POINTWISE_BLOCKS_MIN_BYTES.
+  """
+  formulations.check('pointwise', formulation)
+  if formulation == 'by_size':
+    return 'blocks' if output_bytes >= POINTWISE_BLOCKS_MIN_BYTES else 'matmul'
+  return formulation
 
 
 @jax.custom_vjp
@@ -261,7 +261,7 @@ class Conv(nn.Module):
   strides: int | tuple[int, int] = 1
   padding: Padding = 'SAME'
   use_bias: bool = True
-  impl: str = 'auto'
+  formulation: str = formulations.ACCELERATOR.conv  # One of formulations.CONV; the backbones pass theirs.
   dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()  # flax.linen.Conv's.
 
@@ -271,7 +271,7 @@ class Conv(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32) if self.use_bias else None
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     strides = (self.strides,) * 2 if isinstance(self.strides, int) else self.strides
-    y = conv2d(x, kernel, strides, self.padding, self.impl)
+    y = conv2d(x, kernel, strides, self.padding, self.formulation)
     return y if bias is None else y + bias
 
 
@@ -284,6 +284,7 @@ class PointwiseConv(nn.Module):
   features: int
   strides: int = 1
   use_bias: bool = False
+  formulation: str = formulations.ACCELERATOR.pointwise  # One of formulations.POINTWISE; the backbones pass theirs.
   dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.glorot_uniform()
 
@@ -294,5 +295,5 @@ class PointwiseConv(nn.Module):
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     if self.strides > 1:
       x = lax.slice(x, (0, 0, 0, 0), x.shape, (1, self.strides, self.strides, 1))
-    y = pointwise_conv(x, kernel.reshape(kernel.shape[2:]))
+    y = pointwise_conv(x, kernel.reshape(kernel.shape[2:]), self.formulation)
     return y if bias is None else y + bias

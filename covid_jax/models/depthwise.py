@@ -1,15 +1,16 @@
-"""Keras's bias-free depthwise convolution, in the formulation fast on the backend.
+"""Keras's bias-free depthwise convolution, in the formulation the model's `Formulations` names.
 
 A depthwise convolution has two exact formulations, and the fast one depends
 on the backend. XLA:CPU runs a grouped convolution with one channel per group
-5-25x slower than TensorFlow's depthwise kernel (at NASNet's sizes), while the
-same computation written as a sum of k*k shifted elementwise products
-(strided slices of the padded input times one kernel tap each) fuses into a
-single loop as fast as TensorFlow's; its backward pass is written by hand so
-it stays one loop too (the kernel gradient's, a block of images at a time).
-On GPU/TPU the grouped convolution is the native depthwise kernel. Both read
-the kernel in grouped-conv layout (h, w, 1, C * multiplier), so parameters do
-not depend on the choice.
+far slower than TensorFlow's depthwise kernel, while the same computation
+written as a sum of k*k shifted elementwise products ('shifted': strided slices
+of the padded input times one kernel tap each) fuses into a single loop as fast
+as TensorFlow's; its backward pass is written by hand so it stays one loop too
+(the kernel gradient's, a block of images at a time). On GPU/TPU the grouped
+convolution ('grouped') is the native depthwise kernel. Both read the kernel in
+grouped-conv layout (h, w, 1, C * multiplier), so parameters do not depend on
+the choice. benchmarks/BENCHMARKS.md ("Formulation choices") holds the
+measurements.
 """
 
 import functools
@@ -22,73 +23,43 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-# 'auto' picks per backend at trace time; the others force one formulation.
-IMPLEMENTATIONS = ('auto', 'shifted', 'grouped')
+from covid_jax.models import formulations
+from covid_jax.models.windows import Padding, divisors, explicit_pads, spread_onto, window_taps, zero_pad
+
 # Bytes of padded input and cotangent per block of the shifted form's kernel gradient: a few images stay in cache.
 KERNEL_GRADIENT_BLOCK_BYTES = 2**20
 
-Padding = str | Sequence[tuple[int, int]]
 
-
-def resolve_impl(impl: str) -> str:
-  """The formulation `impl` stands for on the default backend ('auto': shifted on CPU, grouped elsewhere)."""
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f'Unknown depthwise implementation {impl!r}; known: {IMPLEMENTATIONS}')
-  if impl == 'auto':
-    return 'shifted' if jax.default_backend() == 'cpu' else 'grouped'
-  return impl
-
-
-def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
-                   padding: Padding = 'SAME', impl: str = 'auto') -> jax.Array:
+def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), padding: Padding = 'SAME',
+                   formulation: str = formulations.ACCELERATOR.depthwise) -> jax.Array:
   """Depthwise 2D convolution of NHWC `x` with a (h, w, 1, C * multiplier) `kernel`.
 
   `padding` is 'SAME' (TensorFlow's: the extra row/column goes bottom/right),
-  'VALID', or explicit ((top, bottom), (left, right)) zero padding.
+  'VALID', or explicit ((top, bottom), (left, right)) zero padding; `formulation`
+  is 'shifted' or 'grouped' (formulations.DEPTHWISE).
   """
-  impl = resolve_impl(impl)
+  formulations.check('depthwise', formulation)
   window = kernel.shape[:2]
   strides = tuple(strides)
   pads = explicit_pads(x.shape[1:3], window, strides, padding)
-  if impl == 'grouped':
+  if formulation == 'grouped':
     return lax.conv_general_dilated(
         x, kernel, strides, pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=x.shape[-1])
   multiplier = kernel.shape[-1] // x.shape[-1]
   if multiplier > 1:  # Output channel c * multiplier + m reads input channel c.
     x = jnp.repeat(x, multiplier, axis=-1)
-  # CPUs lack half-precision arithmetic: XLA would convert around every tap (3x the compile time). Use float32.
+  # CPUs lack half-precision arithmetic: XLA would convert around every tap, which slows its compile. Use float32.
   wide = jnp.promote_types(x.dtype, jnp.float32)
   xp = zero_pad(x.astype(wide), pads)
   y = _correlate(xp, kernel.astype(wide), strides)
   return y.astype(x.dtype)
 
 
-def explicit_pads(spatial_shape: Sequence[int], window: Sequence[int], strides: Sequence[int],
-                  padding: Padding) -> tuple[tuple[int, int], ...]:
-  """`padding` as ((top, bottom), (left, right)), hashable (custom_vjp takes it as a static argument)."""
-  pads = lax.padtype_to_pads(spatial_shape, window, strides, padding) if isinstance(padding, str) else padding
-  return tuple(tuple(p) for p in pads)
-
-
-def zero_pad(x: jax.Array, pads: Sequence[tuple[int, int]]) -> jax.Array:
-  """NHWC `x` with zeros added around its two spatial axes, ((top, bottom), (left, right))."""
-  return lax.pad(x, np.zeros((), x.dtype), ((0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)))
-
-
-def window_taps(xp: jax.Array, window: Sequence[int], strides: Sequence[int]) -> list[jax.Array]:
-  """For each kernel tap (a, b), row-major: the strided slice of padded `xp` that the tap multiplies."""
-  (kh, kw), (sh, sw) = window, strides
-  n, height, width, c = xp.shape
-  out_h, out_w = (height - kh) // sh + 1, (width - kw) // sw + 1
-  return [lax.slice(xp, (0, a, b, 0), (n, a + sh * (out_h - 1) + 1, b + sw * (out_w - 1) + 1, c), (1, sh, sw, 1))
-          for a in range(kh) for b in range(kw)]
-
-
 def _sum_of_taps(xp: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
   """Depthwise cross-correlation of already padded `xp`: the sum over taps t of taps[t] * kernel[t].
 
-  The backward pass calls it bare: through `_correlate`'s custom VJP, each call traces a nested jaxpr
-  (0.8 s of NASNetLarge's 4.8 s train-step trace).
+  The backward pass calls it bare: through `_correlate`'s custom VJP, each call would trace a nested jaxpr,
+  a sizeable share of a NASNet train step's trace.
   """
   taps = window_taps(xp, kernel.shape[:2], strides)
   weights = kernel.reshape(len(taps), kernel.shape[-1])
@@ -100,7 +71,7 @@ _correlate = jax.custom_vjp(_sum_of_taps, nondiff_argnums=(2,))
 
 
 def _times_channels(x: jax.Array, w: jax.Array) -> jax.Array:
-  """NHWC `x` times the per-channel `w`, in lax: jnp's operators cost ~10x the tracing time (thousands per model)."""
+  """NHWC `x` times the per-channel `w`, in lax: jnp's operators cost far more to trace (thousands per model)."""
   return lax.mul(x, lax.broadcast_in_dim(w, x.shape, (3,)))
 
 
@@ -109,7 +80,7 @@ def _correlate_fwd(xp, kernel, strides):
 
 
 def _correlate_bwd(strides, residuals, g):
-  """Written by hand: autodiff gives the kernel one reduction per tap, ~10x the compile and run time."""
+  """Written by hand: autodiff gives the kernel one reduction per tap, many times the compile and run time."""
   xp, kernel = residuals
   return (_input_gradient(g, kernel, xp.shape[1:3], strides),
           kernel_gradient(xp, g, kernel.shape[:2], strides).reshape(kernel.shape).astype(kernel.dtype))
@@ -121,7 +92,7 @@ def _input_gradient(g: jax.Array, kernel: jax.Array, padded_shape: Sequence[int]
   Padded-input row q * s + r receives g[q - j] * kernel[j * s + r] over j: for each phase (r, c) that is a
   stride-1 correlation of the zero-padded g with the flipped sub-kernel kernel[r::s, c::s], spread onto its
   rows and columns by interior padding. Correlating the stride-dilated g with the whole flipped kernel
-  instead multiplies 3/4 of the terms by zeros at stride 2, and took 2-4x as long at NASNet's sizes.
+  instead multiplies 3/4 of the terms by zeros at stride 2, and runs correspondingly slower.
   """
   (sh, sw), (kh, kw), (n, out_h, out_w, channels) = strides, kernel.shape[:2], g.shape
   zero = np.zeros((), g.dtype)
@@ -145,19 +116,12 @@ def _input_gradient(g: jax.Array, kernel: jax.Array, padded_shape: Sequence[int]
 _correlate.defvjp(_correlate_fwd, _correlate_bwd)
 
 
-def spread_onto(piece: jax.Array, offset: Sequence[int], strides: Sequence[int], shape: Sequence[int]) -> jax.Array:
-  """NHWC `piece` spread onto zeros of spatial `shape`, from `offset` every `strides`: a strided slice's transpose."""
-  (r, c), (sh, sw), (rows, cols) = offset, strides, piece.shape[1:3]
-  return lax.pad(piece, np.zeros((), piece.dtype), ((0, 0, 0), (r, shape[0] - r - sh * (rows - 1) - 1, sh - 1),
-                                                    (c, shape[1] - c - sw * (cols - 1) - 1, sw - 1), (0, 0, 0)))
-
-
 def kernel_gradient(xp: jax.Array, g: jax.Array, window: Sequence[int], strides: Sequence[int]) -> jax.Array:
   """(taps, C): each tap's input slice of padded `xp` times the cotangent `g`, summed over the batch and pixels.
 
-  One variadic reduction computes all k*k sums in a single pass over g (1.2-1.6x faster than a loop over taps,
-  ~5x faster than one reduction per tap). Over a batch larger than the cache that pass still ran 2-3x slower
-  than a scan over blocks of whole images, at most KERNEL_GRADIENT_BLOCK_BYTES of xp and g together.
+  One variadic reduction computes all k*k sums in a single pass over g, faster than a loop over taps or one
+  reduction per tap. Over a batch larger than the cache that pass is still slower than a scan over blocks of
+  whole images, at most KERNEL_GRADIENT_BLOCK_BYTES of xp and g together, which the cache holds.
   """
   n = g.shape[0]
   image_bytes = (xp.size + g.size) // n * xp.dtype.itemsize
@@ -188,11 +152,6 @@ def _block_adder(window: tuple[int, int], strides: tuple[int, int]) -> Callable:
   return add_block
 
 
-def divisors(n: int) -> list[int]:
-  """The divisors of `n`, ascending: the block sizes that split a batch (or rows) into equal blocks."""
-  return [d for d in range(1, n + 1) if n % d == 0]
-
-
 class DepthwiseConv(nn.Module):
   """Keras DepthwiseConv2D without bias; params {'kernel': (h, w, 1, C * depth_multiplier)}."""
 
@@ -200,7 +159,7 @@ class DepthwiseConv(nn.Module):
   strides: tuple[int, int] = (1, 1)
   padding: Padding = 'SAME'
   depth_multiplier: int = 1
-  impl: str = 'auto'
+  formulation: str = formulations.ACCELERATOR.depthwise  # 'shifted' or 'grouped'; the backbones pass theirs.
   dtype: Any = jnp.float32
   # Same distribution as Keras's glorot_uniform on its (h, w, C, multiplier) layout: the fan sum agrees.
   kernel_init: Any = nn.initializers.glorot_uniform()
@@ -210,4 +169,4 @@ class DepthwiseConv(nn.Module):
     shape = (*self.kernel_size, 1, x.shape[-1] * self.depth_multiplier)
     kernel = self.param('kernel', self.kernel_init, shape, jnp.float32)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    return depthwise_conv(x, kernel, self.strides, self.padding, self.impl)
+    return depthwise_conv(x, kernel, self.strides, self.padding, self.formulation)

@@ -7,8 +7,8 @@ pairs, read off the paper's Figure 4 and Keras's `_normal_a_cell` /
 """
 
 import functools
-from collections.abc import Sequence
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -16,12 +16,16 @@ import jax.numpy as jnp
 
 from covid_jax.models.batch_norm import BatchNorm
 from covid_jax.models.conv import Conv, PointwiseConv
-from covid_jax.models.depthwise import DepthwiseConv, Padding
+from covid_jax.models.depthwise import DepthwiseConv
+from covid_jax.models.formulations import ACCELERATOR, Formulations
 from covid_jax.models.pooling import avg_pool, max_pool
+from covid_jax.models.windows import Padding, correct_pad, zero_pad
 
 LARGE = dict(penultimate_filters=4032, num_blocks=6, stem_block_filters=96, skip_reduction=True, filter_multiplier=2)
+# NASNetMobile's cells run unrolled: with 3 cells per block, the scan's shorter compile does not pay for its
+# slower step (see NASNet).
 MOBILE = dict(penultimate_filters=1056, num_blocks=4, stem_block_filters=32, skip_reduction=False, filter_multiplier=2,
-              scan_cells=False)  # Unrolled, its 3 cells per scan compiled no slower and ran 8-12% faster (CPU).
+              scan_cells=False)
 
 _BN_MOMENTUM = 0.9997
 _BN_EPSILON = 1e-3
@@ -29,31 +33,23 @@ _HE_NORMAL = nn.initializers.he_normal()  # Keras's initializer for NASNet's pla
 _SCAN_ID = 'scan'  # Block id of the template cell's layers: every Keras cell layer name ends in its cell's id.
 
 
-def correct_pad(shape: Sequence[int], kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
-  """Keras imagenet_utils.correct_pad for NHWC `shape`: one less on top/left where a size is even."""
-  return tuple((kernel // 2 - (1 - size % 2), kernel // 2) for size in shape[1:3])
-
-
-def _zero_pad(x: jax.Array, kernel: int) -> jax.Array:
-  return jnp.pad(x, ((0, 0), *correct_pad(x.shape, kernel), (0, 0)))
-
-
-def _avg_pool_same(x: jax.Array) -> jax.Array:
+def _avg_pool_same(x: jax.Array, formulations: Formulations) -> jax.Array:
   """3x3 stride-1 'same' average, not counting the padding (as Keras)."""
-  return avg_pool(x, 3, 1, 'SAME')
+  return avg_pool(x, 3, 1, 'SAME', formulations.pooling)
 
 
-def _avg_pool_reduce(x: jax.Array) -> jax.Array:
+def _avg_pool_reduce(x: jax.Array, formulations: Formulations) -> jax.Array:
   """3x3 stride-2 average over explicit zero padding (the zeros count)."""
-  return avg_pool(_zero_pad(x, 3), 3, 2)
+  return avg_pool(zero_pad(x, correct_pad(x.shape, 3)), 3, 2, 'VALID', formulations.pooling)
 
 
-def _max_pool_reduce(x: jax.Array) -> jax.Array:
+def _max_pool_reduce(x: jax.Array, formulations: Formulations) -> jax.Array:
   """3x3 stride-2 max over explicit zero padding: zeros can win, unlike Flax's -inf padding."""
-  return max_pool(_zero_pad(x, 3), 3, 2)
+  return max_pool(zero_pad(x, correct_pad(x.shape, 3)), 3, 2, formulations.pooling)
 
 
-def _identity(x: jax.Array) -> jax.Array:
+def _identity(x: jax.Array, formulations: Formulations) -> jax.Array:
+  del formulations  # Unused: every op takes them.
   return x
 
 
@@ -70,7 +66,8 @@ class _Cell(NamedTuple):
 
   Inputs and outputs are 'h' (the cell input after relu-conv-bn), 'p' (the
   previous cell's input, adjusted to match), or k (the output of block k,
-  counted from 1). An op is a `_Sep` or a parameter-free function.
+  counted from 1). An op is a `_Sep` or a parameter-free function of the
+  tensor and the model's `Formulations`.
   """
 
   name: str
@@ -110,14 +107,15 @@ class SeparableConv(nn.Module):
   kernel_size: tuple[int, int]
   strides: tuple[int, int] = (1, 1)
   padding: Padding = 'SAME'
-  depthwise_impl: str = 'auto'
+  formulations: Formulations = ACCELERATOR  # Its depthwise and pointwise fields write the two convolutions.
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = DepthwiseConv(self.kernel_size, self.strides, self.padding, impl=self.depthwise_impl, dtype=self.dtype,
-                      name='depthwise')(x)
-    return PointwiseConv(self.features, dtype=self.dtype, name='pointwise')(x)
+    x = DepthwiseConv(self.kernel_size, self.strides, self.padding, formulation=self.formulations.depthwise,
+                      dtype=self.dtype, name='depthwise')(x)
+    return PointwiseConv(self.features, formulation=self.formulations.pointwise, dtype=self.dtype,
+                         name='pointwise')(x)
 
 
 class _Layers(nn.Module):
@@ -126,13 +124,14 @@ class _Layers(nn.Module):
   Every layer is created directly under the module, named exactly as its Keras layer.
   """
 
-  depthwise_impl: str = 'auto'
+  formulations: Formulations = ACCELERATOR  # How each op is written; create_backbone passes the backend's.
   dtype: Any = jnp.float32
   axis_name: str | None = None  # Device axis over which training-mode BN statistics are averaged.
   bn_momentum: float = _BN_MOMENTUM  # Keras's; lower it to train from scratch in few steps.
 
   def _conv(self, x: jax.Array, filters: int, name: str) -> jax.Array:
-    return PointwiseConv(filters, dtype=self.dtype, kernel_init=_HE_NORMAL, name=name)(x)
+    return PointwiseConv(filters, formulation=self.formulations.pointwise, dtype=self.dtype, kernel_init=_HE_NORMAL,
+                         name=name)(x)
 
   def _bn(self, x: jax.Array, name: str, train: bool) -> jax.Array:
     return BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=_BN_EPSILON,
@@ -144,7 +143,7 @@ class _Layers(nn.Module):
     for i, s in ((1, stride), (2, 1)):
       x = nn.relu(x)
       padding = correct_pad(x.shape, kernel) if s == 2 else 'SAME'
-      x = SeparableConv(filters, (kernel, kernel), (s, s), padding, self.depthwise_impl, self.dtype,
+      x = SeparableConv(filters, (kernel, kernel), (s, s), padding, formulations=self.formulations, dtype=self.dtype,
                         name=f'separable_conv_{i}_{block_id}')(x)
       x = self._bn(x, f'separable_conv_{i}_bn_{block_id}', train)
     return x
@@ -156,7 +155,7 @@ class _Layers(nn.Module):
     if p.shape[2] != ip.shape[2]:  # Halve the size: two 1x1 convs on the even and the shifted odd pixels.
       p = nn.relu(p)
       even = p[:, ::2, ::2]
-      odd = jnp.pad(p[:, 1:, 1:], ((0, 0), (0, 1), (0, 1), (0, 0)))[:, ::2, ::2]
+      odd = zero_pad(p[:, 1:, 1:], ((0, 1), (0, 1)))[:, ::2, ::2]
       p = jnp.concatenate([self._conv(even, filters // 2, f'adjust_conv_1_{block_id}'),
                            self._conv(odd, filters // 2, f'adjust_conv_2_{block_id}')], axis=-1)
     elif p.shape[-1] != filters:
@@ -179,7 +178,7 @@ class _Layers(nn.Module):
           sep_id = f'{cell.name}_{op.name}_{block_id}'
           outputs.append(self._separable_block(tensors[source], filters, op.kernel, op.stride, sep_id, train))
         else:
-          outputs.append(op(tensors[source]))
+          outputs.append(op(tensors[source], self.formulations))
       tensors[k] = outputs[0] + outputs[1]
     return jnp.concatenate([tensors[k] for k in cell.outputs], axis=-1), ip
 
@@ -197,15 +196,15 @@ class _TemplateNormalCell(_Layers):
 class NASNet(_Layers):
   """keras.applications.nasnet.NASNet(include_top=False) with the same arguments, layer names and numbers.
 
-  `depthwise_impl` chooses the depthwise-convolution formulation (see
-  `depthwise.py`); 'auto' picks the fast one for the backend. With
+  `formulations` says how each op is written (see formulations.py). With
   `scan_cells`, the normal cells of a block from the second on run as one
   `lax.scan` over their stacked variables, so XLA compiles that cell once per
   block instead of once per cell; the variables keep their Keras names and
   values either way. The scan costs time in each step (its residuals are
-  stacked and unstacked): NASNetLarge keeps it for its 5 cells per scan,
-  NASNetMobile runs unrolled. With `remat`, every cell is recomputed in the backward
-  pass instead of keeping its activations: far less memory, the same values.
+  stacked and unstacked), which a block of many cells repays in compile time:
+  NASNetLarge keeps it for its 5 cells per scan, NASNetMobile runs unrolled.
+  With `remat`, every cell is recomputed in the backward pass instead of keeping
+  its activations: far less memory, the same values.
   """
 
   penultimate_filters: int = 4032
@@ -231,8 +230,8 @@ class NASNet(_Layers):
     else:
       cell = functools.partial(self._cell, train=train)
 
-    x = Conv(self.stem_block_filters, (3, 3), (2, 2), padding='VALID', use_bias=False, dtype=self.dtype,
-             kernel_init=_HE_NORMAL, name='stem_conv1')(x)
+    x = Conv(self.stem_block_filters, (3, 3), (2, 2), padding='VALID', use_bias=False,
+             formulation=self.formulations.conv, dtype=self.dtype, kernel_init=_HE_NORMAL, name='stem_conv1')(x)
     x = self._bn(x, 'stem_bn1', train)
     x, p = cell(_REDUCTION_CELL, x, None, filters // fm**2, 'stem_1')
     x, p = cell(_REDUCTION_CELL, x, p, filters // fm, 'stem_2')
@@ -261,7 +260,7 @@ class NASNet(_Layers):
     zero-padded to that width, and its `adjust_conv_projection` kernel with zero
     rows for the padding, which changes no value: every cell then has one shape.
     """
-    template = _TemplateNormalCell(depthwise_impl=self.depthwise_impl, dtype=self.dtype, axis_name=self.axis_name,
+    template = _TemplateNormalCell(formulations=self.formulations, dtype=self.dtype, axis_name=self.axis_name,
                                    bn_momentum=self.bn_momentum, filters=filters)
     shapes = jax.eval_shape(functools.partial(template.init, train=False), jax.random.key(0),
                             jax.ShapeDtypeStruct(ip.shape, ip.dtype), jax.ShapeDtypeStruct(ip.shape, p.dtype))
@@ -301,4 +300,4 @@ def _zero_pad_to(x: jax.Array, like: Any) -> jax.Array:
   """`x` zero-padded at the end of each axis to the shape of `like` (no copy when the shapes agree)."""
   if x.shape == like.shape:
     return x
-  return jnp.pad(x, [(0, want - have) for have, want in zip(x.shape, like.shape)])
+  return zero_pad(x, [(0, want - have) for have, want in zip(x.shape, like.shape)], range(x.ndim))

@@ -1,27 +1,23 @@
-"""Max and average pooling in the formulation fast on the backend: strided slices, or reduce_window.
+"""Max and average pooling in the formulation the model's `Formulations` names: strided slices or reduce_window.
 
 `reduce_window` max pooling differentiates to `select_and_scatter`, which
-XLA:CPU runs about 8x slower than the same gradient through a chain of
-elementwise maxima of strided slices (VGG16's first 2x2 pool at batch 8: 340 ms
-against 44 ms; ResNet50's 3x3 stride-2 pool: 98 ms against 12 ms). On an H200
-(float32, batch 8, forward + backward; scripts/benchmark_formulations.py) the
-slices still win for VGG16's non-overlapping 2x2 pools (0.19 against 0.21 ms,
-0.08 against 0.12 ms) but reduce_window wins 3x for ResNet50's overlapping 3x3
-stride-2 pool (0.06 against 0.18 ms), so backends other than the CPU use it
-where windows overlap (measured on that GPU only, not on a TPU). Values are
-identical, and so are gradients up to the order in which overlapping windows'
-cotangents are added: where inputs of a window tie for the maximum (after a
-ReLU, often), both give the window's cotangent to its first maximum, as
-TensorFlow does. The slices' gradient is written by hand for that, and so that
-XLA:CPU does not recompute the window's maxima for every tap it spreads back.
+XLA:CPU runs far slower than the same gradient through a chain of elementwise
+maxima of strided slices. On a GPU the slices still win for non-overlapping
+windows (VGG16's 2x2 pools), but reduce_window wins where windows overlap
+(ResNet50's 3x3 stride-2 pool). So 'by_overlap' (formulations.ACCELERATOR's
+choice) takes reduce_window where the window is wider than the stride, and
+formulations.CPU takes the slices everywhere. Values are identical, and so are
+gradients up to the order in which overlapping windows' cotangents are added:
+where inputs of a window tie for the maximum (after a ReLU, often), both give
+the window's cotangent to its first maximum, as TensorFlow does. The slices'
+gradient is written by hand for that, and so that XLA:CPU does not recompute
+the window's maxima for every tap it spreads back.
 
-Average pooling follows the same rule. On this project's 2-core CPU its sum of
-strided slices ran 2-7x faster than reduce_window, forward + backward, at
-NASNet's shapes (28x28x168 at batch 8: 2.5 against 9.1 ms; a 3x3 stride-2 pool
-of 57x57x84: 1.9 against 13.2 ms), with values equal to rounding. Elsewhere it
-keeps reduce_window where windows overlap: on an H200 the two were equal at
-NASNet's 3x3 pools (0.08-0.12 ms forward + backward, float32, batch 8), the
-slices 0.02 ms faster only on the stem's.
+Average pooling follows the same rule: on a CPU its sum of strided slices runs
+faster than reduce_window, forward and backward, with values equal to
+rounding; on a GPU the two run alike at NASNet's overlapping 3x3 pools.
+benchmarks/BENCHMARKS.md ("Formulation choices") holds the measurements
+(taken on one GPU, not on a TPU).
 """
 
 import functools
@@ -32,25 +28,25 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from covid_jax.models.depthwise import Padding, explicit_pads, spread_onto, window_taps, zero_pad
+from covid_jax.models import formulations
+from covid_jax.models.windows import Padding, explicit_pads, spread_onto, window_taps, zero_pad
 
 
-# 'auto' picks per backend (and window overlap) at trace time; the others force one formulation.
-IMPLEMENTATIONS = ('auto', 'strided_slices', 'reduce_window')
+def resolve(formulation: str, window: int, stride: int) -> str:
+  """'strided_slices' or 'reduce_window': what pooling `formulation` (formulations.POOLING) stands for here.
+
+  'by_overlap' takes reduce_window where windows overlap (`window` > `stride`), strided slices elsewhere.
+  """
+  formulations.check('pooling', formulation)
+  if formulation == 'by_overlap':
+    return 'reduce_window' if window > stride else 'strided_slices'
+  return formulation
 
 
-def resolve_impl(impl: str, window: int, stride: int) -> str:
-  """The formulation `impl` stands for on the default backend and this window ('auto': see the docstring)."""
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f'Unknown pooling implementation {impl!r}; known: {IMPLEMENTATIONS}')
-  if impl == 'auto':
-    return 'reduce_window' if jax.default_backend() != 'cpu' and window > stride else 'strided_slices'
-  return impl
-
-
-def max_pool(x: jax.Array, window: int, stride: int, impl: str = 'auto') -> jax.Array:
-  """VALID `window` x `window` max pooling of NHWC `x` with stride `stride`."""
-  if resolve_impl(impl, window, stride) == 'reduce_window':
+def max_pool(x: jax.Array, window: int, stride: int,
+             formulation: str = formulations.ACCELERATOR.pooling) -> jax.Array:
+  """VALID `window` x `window` max pooling of NHWC `x` with stride `stride`, written as `formulation` says."""
+  if resolve(formulation, window, stride) == 'reduce_window':
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1), 'VALID')
   return _max_of_slices(x, window, stride)
 
@@ -72,7 +68,7 @@ def _max_of_slices_bwd(window, stride, residuals, g):
   """Each output's cotangent goes to the first input of its window that holds the maximum, as in TensorFlow.
 
   The routed pieces are computed on the output grid, behind an optimization barrier so that XLA does not
-  fuse them into their spreading onto the input: there, the autodiff form recomputed every window's maxima
+  fuse them into their spreading onto the input, where the autodiff form recomputes every window's maxima
   once per tap.
   """
   x, y = residuals
@@ -92,15 +88,16 @@ def _max_of_slices_bwd(window, stride, residuals, g):
 _max_of_slices.defvjp(_max_of_slices_fwd, _max_of_slices_bwd)
 
 
-def avg_pool(x: jax.Array, window: int, stride: int, padding: Padding = 'VALID', impl: str = 'auto') -> jax.Array:
-  """`window` x `window` average pooling of NHWC `x` with stride `stride`.
+def avg_pool(x: jax.Array, window: int, stride: int, padding: Padding = 'VALID',
+             formulation: str = formulations.ACCELERATOR.pooling) -> jax.Array:
+  """`window` x `window` average pooling of NHWC `x` with stride `stride`, written as `formulation` says.
 
   'SAME' pads as TensorFlow does and, as Keras's AveragePooling2D, averages over the pixels inside the image
   only; explicit ((top, bottom), (left, right)) padding is not counted either.
   """
   windows, strides = (window, window), (stride, stride)
   pads = explicit_pads(x.shape[1:3], windows, strides, padding)
-  if resolve_impl(impl, window, stride) == 'reduce_window':
+  if resolve(formulation, window, stride) == 'reduce_window':
     total = lax.reduce_window(x, np.zeros((), x.dtype), lax.add, (1, *windows, 1), (1, *strides, 1),
                               ((0, 0), *pads, (0, 0)))
   else:

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from covid_jax.models.conv import Conv
+from covid_jax.models.formulations import ACCELERATOR, Formulations
 from covid_jax.models.pooling import max_pool
 
 # (filters, convolutions) of each block; every block ends in a 2x2 max pool.
@@ -20,6 +21,7 @@ class VGG16(nn.Module):
   is the identity map on names.
   """
 
+  formulations: Formulations = ACCELERATOR  # How each op is written; create_backbone passes the backend's.
   dtype: Any = jnp.float32  # Computation dtype; parameters stay float32.
   axis_name: str | None = None  # Accepted for a uniform backbone interface; VGG16 has no BatchNorm.
 
@@ -28,7 +30,8 @@ class VGG16(nn.Module):
     del train  # VGG16 has no layer that behaves differently in training.
     for b, (filters, convs) in enumerate(BLOCKS, start=1):
       for i in range(1, convs + 1):
-        x = Conv(filters, (3, 3), padding='SAME', dtype=self.dtype, name=f'block{b}_conv{i}')(x)
+        x = Conv(filters, (3, 3), padding='SAME', formulation=self.formulations.conv, dtype=self.dtype,
+                 name=f'block{b}_conv{i}')(x)
         x = nn.relu(x)
-      x = max_pool(x, 2, 2)
+      x = max_pool(x, 2, 2, self.formulations.pooling)
     return x

@@ -11,16 +11,6 @@ import numpy as np
 from covid_jax import models
 from covid_jax.port.convert import layer_variables, short_weight_name
 
-# Keras layers that belong to the ImageNet classifier top, not the backbone:
-# skipped when a model built with include_top=True is ported.
-_TOP_LAYERS = {
-    'vgg16': ('fc1', 'fc2', 'predictions'),
-    'resnet50': ('predictions',),
-    'nasnet_large': ('predictions',),
-    'nasnet_mobile': ('predictions',),
-    'nasnet': ('predictions',),
-}
-
 # Any legal input size: the backbones' variable shapes do not depend on it.
 _SHAPE_PROBE_SIZE = 64
 
@@ -64,7 +54,7 @@ def expected_shapes(name: str, **overrides: Any) -> Variables:
 
 def _assemble(layers: Mapping[str, Mapping[str, np.ndarray]], name: str, overrides: Mapping[str, Any],
               source: str) -> Variables:
-  skip = set(_TOP_LAYERS[name])
+  skip = set(models.get_spec(name).keras_top_layers)  # A model built with include_top=True ports too.
   variables: Variables = {}
   for layer_name, weights in layers.items():
     if layer_name in skip:

@@ -5,37 +5,39 @@ all three compare against the same Keras model. Importing this module imports
 Keras (and its backend); the rest of covid_jax.port does not.
 """
 
+import importlib
+from types import ModuleType
 from typing import Any
 
 import h5py
 import keras
-from keras.src.applications import nasnet as keras_nasnet
 from keras.src.legacy.saving import legacy_h5_format
 
 from covid_jax import models
 
-# Keras-side names of the generic NASNet builder arguments we expose.
-NASNET_ARGS = ('penultimate_filters', 'num_blocks', 'stem_block_filters', 'skip_reduction', 'filter_multiplier')
-
 
 def keras_backbone(name: str, input_shape: tuple[int, int, int] | None = None, weights: str | None = None,
-                   seed: int | None = 0, **overrides: Any) -> keras.Model:
-  """keras.applications model of backbone `name` with include_top=False.
+                   seed: int | None = 0, include_top: bool = False, **overrides: Any) -> keras.Model:
+  """keras.applications model of backbone `name`, by default with include_top=False.
 
   `input_shape` defaults to the backbone's ImageNet size. The initial weights
   come from `seed` (None: the global Keras RNG), not from whatever the global
   RNG holds after earlier work, so results do not depend on what ran before.
+  `overrides` reach the Keras builder where it takes them (the registry's
+  keras_generic_args: the generic NASNet's sizes).
   """
   if seed is not None:
     keras.utils.set_random_seed(seed)
   spec = models.get_spec(name)
   input_shape = input_shape or (spec.image_size, spec.image_size, 3)
-  if spec.keras_application == 'NASNet':
-    args = {k: v for k, v in {**spec.defaults, **overrides}.items() if k in NASNET_ARGS}
-    return keras_nasnet.NASNet(input_shape=input_shape, include_top=False, weights=weights,
-                               default_size=spec.image_size, **args)
-  return getattr(keras.applications, spec.keras_application)(
-      include_top=False, weights=weights, input_shape=input_shape)
+  args = {k: v for k, v in {**spec.defaults, **overrides}.items() if k in spec.keras_generic_args}
+  builder = getattr(keras_module(name), spec.keras_application)
+  return builder(include_top=include_top, weights=weights, input_shape=input_shape, **spec.keras_fixed_args, **args)
+
+
+def keras_module(name: str) -> ModuleType:
+  """The Keras module of backbone `name`: its builder, and the `preprocess_input` that goes with its weights."""
+  return importlib.import_module(models.get_spec(name).keras_module)
 
 
 def layer_order(name: str, input_shape: tuple[int, int, int] | None = None, **overrides: Any) -> list[str]:

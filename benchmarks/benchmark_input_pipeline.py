@@ -1,6 +1,6 @@
 """Input pipeline throughput: images/s of training batches, first (decoding) epoch vs cached epochs.
 
-    python scripts/benchmark_input_pipeline.py --data_dir DATA [--image_size 224 --batch_size 128 --epochs 4]
+  python -m benchmarks.benchmark_input_pipeline --data_dir DATA [--image_size 224 --batch_size 128 --epochs 4]
 
 Builds a synthetic dataset first when --data_dir has no manifest.json and
 --num_images is given. Prints one line per epoch and a Markdown row.
@@ -20,7 +20,6 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from covid_jax import input_pipeline  # noqa: E402
 
 

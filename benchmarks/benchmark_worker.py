@@ -1,9 +1,9 @@
-"""One framework's side of scripts/benchmark.py, in its own process.
+"""One framework's side of benchmarks/benchmark.py, in its own process.
 
 Keras fixes its backend at import, and a process's peak memory is only its
 own, so each framework runs here, driven by the benchmark over stdin/stdout:
 
-  KERAS_BACKEND=jax python scripts/benchmark_worker.py --framework keras_jax --backbone resnet50 \
+  KERAS_BACKEND=jax python -m benchmarks.benchmark_worker --framework keras_jax --backbone resnet50 \
       --image_size 224 --weights W.h5
 
 Each stdin line is a JSON command; each answer is one JSON line on stdout
@@ -30,12 +30,9 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from covid_jax import host_memory  # noqa: E402  (light: no JAX, no Keras)
+from covid_jax import runtime
 
 FRAMEWORKS = ('covid_jax', 'keras_tensorflow', 'keras_tensorflow_xla', 'keras_jax')
 KERAS_BACKEND = {'keras_tensorflow': 'tensorflow', 'keras_tensorflow_xla': 'tensorflow', 'keras_jax': 'jax'}
@@ -67,31 +64,34 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 class CovidJax:
-  """The training system's own steps (train.compile_steps): what a covid_jax run executes."""
+  """The training system's own steps (steps.compile_steps): what a covid_jax run executes."""
 
   def __init__(self, backbone: str, image_size: int, weights: str, dtype: str, retain_freed_host_memory: bool):
     import jax
     from configs import default
-    from covid_jax import input_pipeline, port, train
-    self.jax, self.train = jax, train
+    from covid_jax import input_pipeline, model_init, port, state, steps
+    self.jax, self.make_phases, self.make_state = jax, state.make_phases, state.make_state
+    self.compile_steps, self.axis = steps.compile_steps, steps.AXIS
     config = default.get_config()
     if retain_freed_host_memory:  # As covid_jax.main does with its default config, before the backend starts.
-      host_memory.retain_freed_memory()
+      runtime.retain_freed_memory()
     config.model.name, config.model.image_size, config.dtype = backbone, image_size, dtype
     config.learning_rate = LEARNING_RATE
     self.config, self.mesh = config, input_pipeline.data_mesh()
-    self.model = train.create_model(config)
-    self.variables = train.initial_variables(self.model, config, backbone=port.from_h5(weights, backbone))
+    # The formulations of the mesh's platform, as train.Trainer chooses them.
+    self.formulations = model_init.choose_formulations(config, self.mesh.devices.flat[0].platform)
+    self.model = model_init.create_model(config, self.formulations)
+    self.variables = model_init.initial_variables(self.model, config, backbone=port.from_h5(weights, backbone))
     self.run: Callable[[], Any] | None = None
 
   def _phase(self, mode: str):
     """'head' is the study's first phase (backbone frozen, in inference mode); otherwise a full fine-tune."""
     self.config.freeze_backbone = mode == 'head'
-    return self.train.make_phases(self.config)[0]
+    return self.make_phases(self.config)[0]
 
   def _host_state(self, phase):
     # Layer order matters only to the fine-tune phase, which the benchmark does not run.
-    return self.train.make_state(self.model, self.config, self.variables, phase, [], steps_per_epoch=1000)
+    return self.make_state(self.model, self.config, self.variables, phase, [], steps_per_epoch=1000)
 
   def _state(self, phase):
     state = self._host_state(phase)
@@ -101,14 +101,14 @@ class CovidJax:
 
   def _batch_on_devices(self, host_batch):
     images, labels = host_batch
-    sharding = self.jax.sharding.NamedSharding(self.mesh, self.jax.sharding.PartitionSpec('data'))
+    sharding = self.jax.sharding.NamedSharding(self.mesh, self.jax.sharding.PartitionSpec(self.axis))
     return {'image': self.jax.device_put(images, sharding), 'label': self.jax.device_put(labels, sharding)}
 
   def setup(self, mode: str, batch_size: int) -> None:
     self.run = None
     gc.collect()
     phase = self._phase(mode)
-    train_fn, eval_fn = self.train.compile_steps(self.mesh, phase, self.config)
+    train_fn, eval_fn = self.compile_steps(self.mesh, phase, self.config, self.formulations.separate_update)
     state, host_batch = self._state(phase), images_and_labels(batch_size, self.config.model.image_size)
     if mode == 'inference':
       self.run = lambda: eval_fn(state, self._batch_on_devices(host_batch)).block_until_ready()
@@ -126,14 +126,14 @@ class CovidJax:
 
     Counted on the program lowered for the host's CPU, before any backend compiles it: XLA:GPU
     gives no cost analysis of a lowered program, and its compiled one leaves out the convolutions
-    it hands to cuDNN. The program is still the one traced for the default backend (each op's
-    formulation is chosen at trace time).
+    it hands to cuDNN. The program is still the one traced for the run's devices: the model holds
+    their formulations.
     """
     jax, P = self.jax, self.jax.sharding.PartitionSpec
-    mesh = jax.make_mesh((1,), (self.train.AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+    mesh = jax.make_mesh((1,), (self.axis,), axis_types=(jax.sharding.AxisType.Auto,),
                          devices=jax.devices('cpu')[:1])
     phase = self._phase('inference')
-    _, eval_fn = self.train.compile_steps(mesh, phase, self.config)
+    _, eval_fn = self.compile_steps(mesh, phase, self.config, self.formulations.separate_update)
 
     def abstract(tree, spec):
       sharding = jax.sharding.NamedSharding(mesh, spec)
@@ -141,7 +141,7 @@ class CovidJax:
                           jax.eval_shape(lambda: tree))
     state = self._host_state(phase)
     images, labels = images_and_labels(batch_size, self.config.model.image_size)
-    batch = abstract({'image': images, 'label': labels}, P(self.train.AXIS))
+    batch = abstract({'image': images, 'label': labels}, P(self.axis))
     return float(eval_fn.trace(abstract(state, P()), batch).lower().cost_analysis()['flops'])
 
   def ceilings(self) -> dict[str, float]:
@@ -248,7 +248,7 @@ def serve(runner: Any, reply: Any) -> None:
     elif op == 'step':
       answer = {'seconds': timed(runner.run)}
     elif op == 'peak':
-      answer = {'peak_rss_bytes': host_memory.peak_resident_bytes()}
+      answer = {'peak_rss_bytes': runtime.peak_resident_bytes()}
     elif op == 'ceilings':
       answer = runner.ceilings()
     elif op == 'flops':

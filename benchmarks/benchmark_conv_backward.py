@@ -1,6 +1,6 @@
 """Where a convolution's train step goes: forward, input gradient and kernel gradient, XLA against TensorFlow.
 
-  python scripts/benchmark_conv_backward.py --batch_size 8
+  python -m benchmarks.benchmark_conv_backward --batch_size 8
 
 For every distinct 3x3 convolution of VGG16 at 224 px, times the three
 convolutions a train step runs (the forward pass, the gradient with respect to
@@ -17,19 +17,15 @@ kept for reuse, as covid_jax.main does by default.
 import argparse
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from covid_jax.host_memory import retain_freed_memory  # noqa: E402
+from covid_jax import runtime  # noqa: E402
 
-retain_freed_memory()  # Before the JAX backend starts (see covid_jax.host_memory).
+runtime.retain_freed_memory()  # Before the JAX backend starts (see covid_jax.runtime).
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -53,7 +49,7 @@ def jax_ops(x: np.ndarray, kernel: np.ndarray, g: np.ndarray) -> dict[str, Calla
   forward = jax.jit(_conv)
   d_input = jax.jit(lambda x, k, g: jax.vjp(lambda x: _conv(x, k), x)[1](g)[0])
   d_kernel = jax.jit(lambda x, k, g: jax.vjp(lambda k: _conv(x, k), k)[1](g)[0])
-  d_kernel_im2col = jax.jit(lambda x, k, g: jax.vjp(lambda k: conv.conv2d(x, k, impl='im2col'), k)[1](g)[0])
+  d_kernel_im2col = jax.jit(lambda x, k, g: jax.vjp(lambda k: conv.conv2d(x, k, (1, 1), 'SAME', 'im2col'), k)[1](g)[0])
   return {'forward': lambda: forward(x, kernel).block_until_ready(),
           'input gradient': lambda: d_input(x, kernel, g).block_until_ready(),
           'kernel gradient': lambda: d_kernel(x, kernel, g).block_until_ready(),

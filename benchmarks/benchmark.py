@@ -1,7 +1,7 @@
 """Speed of covid_jax against Keras 3 on the same machine, the same weights and the same inputs.
 
-  python scripts/benchmark.py                                      # the full table (long on a CPU)
-  python scripts/benchmark.py --backbones resnet50 --batch_sizes 8 --repeats 3
+  python -m benchmarks.benchmark                                  # the full table (long on a CPU)
+  python -m benchmarks.benchmark --backbones resnet50 --batch_sizes 8 --repeats 3
 
 For each backbone (NAME or NAME@SIZE) and batch size, and for each mode:
 
@@ -18,7 +18,7 @@ of the whole classifier (preprocessing, backbone, average pooling, the study's h
   keras_tensorflow_xla  Keras 3, TensorFlow backend, Keras's default jit_compile='auto' (XLA)
   keras_jax             Keras 3, JAX backend (XLA)
 
-Each framework runs in its own process (scripts/benchmark_worker.py) on the same
+Each framework runs in its own process (benchmarks/benchmark_worker.py) on the same
 seeded backbone weights and inputs. After compilation and one warm-up step, the
 frameworks take turns, one timed step each per round, so machine noise hits all
 alike; a row reports the median over rounds and the spread (min-max). Also
@@ -26,8 +26,9 @@ reported: the first call's time (compilation included), the process's peak
 resident memory during the cell, achieved GFLOP/s (XLA's FLOP count of
 covid_jax's step divided by each framework's time) next to the matmul and 3x3
 convolution GFLOP/s each framework reaches in the same run, and the input
-pipeline's images/s. Results go to a Markdown section of --markdown (replaced
-between markers, the rest of the file kept) and to --json. With --merge, the
+pipeline's images/s. Results go to a Markdown section of --markdown (default
+benchmarks/BENCHMARKS.md; replaced between markers, the rest of the file kept)
+and to --json (default benchmarks/results/cpu.json). With --merge, the
 rows of an earlier --json are kept unless this run measures them again, so slow
 backbones can run with fewer frameworks in a separate invocation (a row measured
 without covid_jax takes its FLOP count from covid_jax's row of the same cell). Both files are
@@ -35,11 +36,11 @@ rewritten after each cell, so a run cut short keeps what it measured.
 --section names a section of its own (another machine, another dtype), kept
 beside the others in the same Markdown file:
 
-  python scripts/benchmark.py --frameworks covid_jax,keras_jax --dtype bfloat16 \
-      --section 'GPU bfloat16' --json benchmarks_gpu_bfloat16.json
+  python -m benchmarks.benchmark --frameworks covid_jax,keras_jax --dtype bfloat16 \
+      --section 'GPU H200 bfloat16' --json benchmarks/results/h200_bfloat16.json
 
 covid_jax runs as covid_jax.main does by default, keeping freed host memory in one
-malloc arena, with glibc's per-thread caches enlarged (covid_jax/host_memory.py);
+malloc arena, with glibc's per-thread caches enlarged (covid_jax/runtime.py);
 --retain_freed_host_memory false times it as
 --config.retain_freed_host_memory=False runs it (the README's advice on a GPU).
 """
@@ -58,15 +59,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-_REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(_REPO))
+from benchmarks import benchmark_worker
+from covid_jax import runtime
 
-import benchmark_worker  # noqa: E402
-
-from covid_jax import host_memory  # noqa: E402
-
-_WORKER = Path(__file__).resolve().parent / 'benchmark_worker.py'
-_PIPELINE = Path(__file__).resolve().parent / 'benchmark_input_pipeline.py'
+_HERE = Path(__file__).resolve().parent
+_REPO = _HERE.parent
+_WORKER = [sys.executable, '-m', 'benchmarks.benchmark_worker']
+_PIPELINE = [sys.executable, '-m', 'benchmarks.benchmark_input_pipeline']
 DEFAULT_BACKBONES = 'vgg16,resnet50,nasnet_mobile,nasnet_large,nasnet_large@331'
 _BACKBONE_ORDER = list(dict.fromkeys(b.partition('@')[0] for b in DEFAULT_BACKBONES.split(',')))
 
@@ -86,8 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            "covid_jax.main's default: true)")
   parser.add_argument('--pipeline_images', type=int, default=1000,
                       help='synthetic images for the input-pipeline measurement (0 skips it)')
-  parser.add_argument('--markdown', default=str(_REPO / 'BENCHMARKS.md'), help='Markdown file to update')
-  parser.add_argument('--json', default=str(_REPO / 'benchmarks.json'), help='JSON results file')
+  parser.add_argument('--markdown', default=str(_HERE / 'BENCHMARKS.md'), help='Markdown file to update')
+  parser.add_argument('--json', default=str(_HERE / 'results' / 'cpu.json'), help='JSON results file')
   parser.add_argument('--merge', action='store_true', help='keep the rows of --json that this run does not redo')
   parser.add_argument('--section', default='', help='name of the Markdown section to write (default: the main one)')
   args = parser.parse_args(argv)
@@ -120,7 +119,7 @@ class Worker:
                retain_freed_host_memory: str):
     self.framework = framework
     self.process = subprocess.Popen(
-        [sys.executable, str(_WORKER), '--framework', framework, '--backbone', backbone, '--image_size',
+        [*_WORKER, '--framework', framework, '--backbone', backbone, '--image_size',
          str(image_size), '--weights', weights, '--dtype', dtype,
          '--retain_freed_host_memory', retain_freed_host_memory],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_worker_env(framework), cwd=_REPO)
@@ -160,15 +159,15 @@ def _worker_env(framework: str) -> dict[str, str]:
   env.pop('JAX_COMPILATION_CACHE_DIR', None)  # First-call times must include compilation.
   if framework != 'covid_jax' and benchmark_worker.KERAS_BACKEND.get(framework) == 'tensorflow':
     env.setdefault('JAX_PLATFORMS', 'cpu')  # JAX is imported by covid_jax's helpers only.
-  if framework == 'covid_jax':  # As covid_jax.main runs (covid_jax/host_memory.py).
-    env = host_memory.with_thread_caches(env) or env
+  if framework == 'covid_jax':  # As covid_jax.main runs (covid_jax/runtime.py).
+    env = runtime.with_thread_caches(env) or env
   return env
 
 
 def export_weights(backbone: str, image_size: int, path: str, frameworks: list[str]) -> None:
   """Seeded Keras weights, written by the first Keras backend the run uses (Keras-JAX if none)."""
   framework = next((f for f in frameworks if f in benchmark_worker.KERAS_BACKEND), 'keras_jax')
-  subprocess.run([sys.executable, str(_WORKER), '--framework', framework, '--backbone', backbone,
+  subprocess.run([*_WORKER, '--framework', framework, '--backbone', backbone,
                   '--image_size', str(image_size), '--weights', path, '--export_weights'],
                  check=True, env=_worker_env(framework), cwd=_REPO)
 
@@ -225,12 +224,12 @@ def _progress_line(row: dict) -> str:
 
 
 def measure_pipeline(num_images: int, image_size: int, batch_sizes: list[int]) -> list[dict]:
-  """Cached-epoch images/s of the training input pipeline (scripts/benchmark_input_pipeline.py)."""
+  """Cached-epoch images/s of the training input pipeline (benchmarks/benchmark_input_pipeline.py)."""
   rows = []
   with tempfile.TemporaryDirectory() as data_dir:
     for batch_size in batch_sizes:
       out = subprocess.run(
-          [sys.executable, str(_PIPELINE), '--data_dir', os.path.join(data_dir, 'built'), '--num_images',
+          [*_PIPELINE, '--data_dir', os.path.join(data_dir, 'built'), '--num_images',
            str(num_images), '--image_size', str(image_size), '--batch_size', str(batch_size), '--json'],
           check=True, capture_output=True, text=True, cwd=_REPO, env=_worker_env('covid_jax')).stdout
       rows.append(json.loads(out.strip().splitlines()[-1]))
@@ -393,7 +392,7 @@ def update_markdown(path: str, section: str, name: str = '') -> None:
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   results: dict[str, Any] = {
-      'commands': ['python scripts/benchmark.py ' + shlex.join(sys.argv[1:] if argv is None else argv)],
+      'commands': ['python -m benchmarks.benchmark ' + shlex.join(sys.argv[1:] if argv is None else argv)],
       'date': datetime.date.today().isoformat(), 'machine': describe_machine(), 'dtype': args.dtype,
       'section': args.section, 'frameworks': args.frameworks, 'rows': [], 'ceilings': {}, 'pipeline': [],
   }

@@ -1,24 +1,25 @@
 """Which formulation of an op is fast on this backend: the models' choices, timed side by side.
 
-  python scripts/benchmark_formulations.py --batch_size 8 --dtype float32
+  python -m benchmarks.benchmark_formulations --batch_size 8 --dtype float32
 
 covid_jax writes six ops in a formulation chosen for speed, not the textbook one
-(the modules' docstrings say why):
+(covid_jax/models/formulations.py chooses per backend; benchmarks/BENCHMARKS.md,
+"Formulation choices", says why):
 
-  depthwise  'shifted', a sum of k*k shifted products (chosen on CPU), against
-             'grouped', a grouped convolution (chosen on GPU/TPU)    models/depthwise.py
-  max pool   maxima of strided slices (chosen on CPU, and where windows do not
-             overlap), against lax.reduce_window                    models/pooling.py
+  depthwise  'shifted', a sum of k*k shifted products (CPU), against
+             'grouped', a grouped convolution (GPU/TPU)               models/depthwise.py
+  max pool   maxima of 'strided_slices' (CPU, and elsewhere where windows
+             do not overlap), against 'reduce_window'                models/pooling.py
   avg pool   sums of strided slices (chosen as the max pool's are),
-             against lax.reduce_window                              models/pooling.py
-  1x1 conv   a matmul over channels (chosen everywhere), its kernel gradient
-             by 'blocks' of pixels (chosen on CPU from 8 MiB of output)
-             or XLA's ('matmul'), against a 1x1 convolution           models/conv.py
-  3x3 conv   the kernel gradient as 'im2col' matmuls (chosen on CPU from
-             4 GFLOP), against XLA's 'native' one                     models/conv.py
-  rgb conv   the first layer's forward pass as broadcast 'products' (chosen
-             on CPU up to 27 per output value), against XLA's 'native'
-             convolution                                             models/conv.py
+             against reduce_window                                   models/pooling.py
+  1x1 conv   a matmul over channels (everywhere), its kernel gradient by
+             'blocks' of pixels (CPU, from a size of output) or XLA's
+             ('matmul'), against a 1x1 'convolution'                  models/conv.py
+  3x3 conv   the kernel gradient as 'im2col' matmuls (CPU, from a size
+             of gradient), against XLA's 'native' one                 models/conv.py
+  rgb conv   the first layer's forward pass as broadcast 'products' (CPU,
+             up to a number of products per output value), against
+             XLA's 'native' convolution                              models/conv.py
 
 At shapes the backbones run, each formulation is jitted on the default backend and
 timed forward and forward + backward (gradients of the input and the kernel), the
@@ -28,26 +29,25 @@ kernel gradient; the JSON rows hold all three), to 1e-4 in float32 and 1e-1 in
 bfloat16 (8 bits: a formulation that accumulates in it is off by a few percent, a
 wrong one by far more). Max pools are compared in float32 on inputs with no two
 values equal: at a tie each formulation may route the gradient its own way.
-Prints a Markdown table that marks the formulation the models choose here and the
-faster one; --json writes the rows.
+Prints a Markdown table that marks the formulation the models choose on this
+backend (formulations.for_default_backend(), resolved per case by the rules in
+conv.py and pooling.py) and the faster one; --json writes the rows.
 """
 
 import argparse
 import json
 import statistics
-import time
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
-
-from covid_jax.models import conv, depthwise, pooling  # noqa: E402
+from covid_jax.models import conv, depthwise, formulations, pooling, windows
 
 # (where, height = width, channels, kernel size, stride) of depthwise convolutions NASNetLarge runs at 331 px.
 DEPTHWISE_CASES = (('nasnet_large stem', 165, 42, 7, 2), ('nasnet_large stem', 165, 42, 5, 2),
@@ -71,18 +71,18 @@ TOLERANCE = {'float32': 1e-4, 'bfloat16': 1e-1}
 
 
 def depthwise_formulations(stride: int) -> dict[str, Callable]:
-  return {impl: (lambda x, k, impl=impl: depthwise.depthwise_conv(x, k, (stride, stride), 'SAME', impl))
-          for impl in ('shifted', 'grouped')}
+  return {name: (lambda x, k, name=name: depthwise.depthwise_conv(x, k, (stride, stride), 'SAME', name))
+          for name in ('shifted', 'grouped')}
 
 
 def pool_formulations(window: int, stride: int) -> dict[str, Callable]:
-  return {impl: (lambda x, _, impl=impl: pooling.max_pool(x, window, stride, impl))
-          for impl in ('strided_slices', 'reduce_window')}
+  return {name: (lambda x, _, name=name: pooling.max_pool(x, window, stride, name))
+          for name in ('strided_slices', 'reduce_window')}
 
 
 def avg_pool_formulations(stride: int, padding: str) -> dict[str, Callable]:
-  return {impl: (lambda x, _, impl=impl: pooling.avg_pool(x, 3, stride, padding, impl))
-          for impl in ('strided_slices', 'reduce_window')}
+  return {name: (lambda x, _, name=name: pooling.avg_pool(x, 3, stride, padding, name))
+          for name in ('strided_slices', 'reduce_window')}
 
 
 def pointwise_formulations() -> dict[str, Callable]:
@@ -92,9 +92,9 @@ def pointwise_formulations() -> dict[str, Callable]:
           'convolution': convolution}
 
 
-def conv_formulations(stride: int = 1, padding: depthwise.Padding = 'SAME',
-                      impls: tuple[str, str] = ('im2col', 'native')) -> dict[str, Callable]:
-  return {impl: (lambda x, k, impl=impl: conv.conv2d(x, k, (stride, stride), padding, impl)) for impl in impls}
+def conv_formulations(stride: int = 1, padding: windows.Padding = 'SAME',
+                      names: tuple[str, str] = ('im2col', 'native')) -> dict[str, Callable]:
+  return {name: (lambda x, k, name=name: conv.conv2d(x, k, (stride, stride), padding, name)) for name in names}
 
 
 def forward_and_backward(fn: Callable) -> Callable:
@@ -180,12 +180,18 @@ def measure_case(op: str, where: str, shapes: tuple, formulations: dict[str, Cal
   return rows
 
 
-def all_cases(batch_size: int, scale: int = 1,
-              dtype: str = 'float32') -> list[tuple[str, str, tuple, dict[str, Callable], str]]:
+Case = tuple[str, str, tuple, dict[str, Callable], str]  # See `all_cases`.
+
+
+def all_cases(batch_size: int, scale: int = 1, dtype: str = 'float32',
+              chosen: formulations.Formulations | None = None) -> list[Case]:
   """(op, where, (x, kernel, output) shapes, formulations, the models' choice) of every case.
 
-  `scale` divides the image sizes; `dtype` is the one the cases run in.
+  `scale` divides the image sizes; `dtype` is the one the cases run in; `chosen` is what the models are
+  given (default: the default backend's), resolved for each case by the rules of conv.py and pooling.py.
   """
+  chosen = chosen or formulations.for_default_backend()
+
   def shrink(cases):
     return [(where, max(size // scale, 8), *rest) for where, size, *rest in cases]
 
@@ -194,34 +200,34 @@ def all_cases(batch_size: int, scale: int = 1,
     out = -(-size // s)
     cases.append(('depthwise', f'{where} {k}x{k}/{s}', ((batch_size, size, size, c), (k, k, 1, c),
                                                          (batch_size, out, out, c)), depthwise_formulations(s),
-                  depthwise.resolve_impl('auto')))
+                  chosen.depthwise))
   for where, size, c, w, s in shrink(POOL_CASES):
     out = (size - w) // s + 1
     cases.append(('max pool', f'{where} {w}x{w}/{s}', ((batch_size, size, size, c), (1,),
                                                         (batch_size, out, out, c)), pool_formulations(w, s),
-                  pooling.resolve_impl('auto', w, s)))
+                  pooling.resolve(chosen.pooling, w, s)))
   for where, size, c, s, padding in shrink(AVG_POOL_CASES):
     out = -(-size // s) if padding == 'SAME' else (size - 3) // s + 1
     cases.append(('avg pool', f'{where} 3x3/{s} {padding}', ((batch_size, size, size, c), (1,),
                                                              (batch_size, out, out, c)),
-                  avg_pool_formulations(s, padding), pooling.resolve_impl('auto', 3, s)))
+                  avg_pool_formulations(s, padding), pooling.resolve(chosen.pooling, 3, s)))
   for where, size, c_in, c_out in shrink(POINTWISE_CASES):
+    output_bytes = batch_size * size * size * c_out * jnp.dtype(dtype).itemsize
     cases.append(('1x1 conv', f'{where} {c_in}->{c_out}', ((batch_size, size, size, c_in), (1, 1, c_in, c_out),
                                                            (batch_size, size, size, c_out)), pointwise_formulations(),
-                  'blocks' if conv.takes_pointwise_blocks(batch_size * size * size * c_out * jnp.dtype(dtype).itemsize)
-                  else 'matmul'))
+                  conv.resolve_pointwise(chosen.pointwise, output_bytes)))
   for where, size, c_in, c_out in shrink(CONV_CASES):
     x_shape, kernel_shape = (batch_size, size, size, c_in), (3, 3, c_in, c_out)
     flops = conv.kernel_gradient_flops(np.prod(x_shape[:3]), kernel_shape)  # SAME, stride 1: output size = input's.
     cases.append(('3x3 conv', f'{where} {c_in}->{c_out}', (x_shape, kernel_shape, (batch_size, size, size, c_out)),
-                  conv_formulations(), conv.resolve_impl('auto', flops, 9 * c_in)))
+                  conv_formulations(), conv.resolve(chosen.conv, flops, 9 * c_in)))
   for where, size, k, s, padding, c_out in shrink(RGB_CONV_CASES):
     x_shape, kernel_shape = (batch_size, size, size, 3), (k, k, 3, c_out)
-    pads = depthwise.explicit_pads((size, size), (k, k), (s, s), padding)
+    pads = windows.explicit_pads((size, size), (k, k), (s, s), padding)
     out = (size + sum(pads[0]) - k) // s + 1
     flops = conv.kernel_gradient_flops(batch_size * out * out, kernel_shape)
     cases.append(('rgb conv', f'{where} {k}x{k}/{s}', (x_shape, kernel_shape, (batch_size, out, out, c_out)),
-                  conv_formulations(s, padding, ('products', 'native')), conv.resolve_impl('auto', flops, k * k * 3)))
+                  conv_formulations(s, padding, ('products', 'native')), conv.resolve(chosen.conv, flops, k * k * 3)))
   return cases
 
 

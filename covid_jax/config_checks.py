@@ -1,0 +1,61 @@
+"""Config values checked before anything is built, each problem named by its key."""
+
+import jax
+import ml_collections
+
+from covid_jax import models
+from covid_jax.model_init import DTYPES, choose_formulations
+from covid_jax.progress import MONITORED
+from covid_jax.state import OPTIMIZERS
+
+POOLINGS = ('avg', 'max', 'flatten')
+FORMULATION_BACKENDS = ('auto', 'cpu', 'accelerator')
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Fails early, naming the key, on values the run could only trip over later."""
+  name = config.model.name
+  spec = models.BACKBONES.get(name)
+  checks = [
+      (spec is not None, f'model.name {name!r}: one of {sorted(models.BACKBONES)}'),
+      (config.model.pooling in POOLINGS, f'model.pooling {config.model.pooling!r}: {"|".join(POOLINGS)}'),
+      (config.dtype in DTYPES, f'dtype {config.dtype!r}: one of {sorted(DTYPES)}'),
+      (config.optimizer in OPTIMIZERS, f'optimizer {config.optimizer!r}: one of {OPTIMIZERS}'),
+      (config.early_stopping.metric in MONITORED,
+       f'early_stopping.metric {config.early_stopping.metric!r}: one of {sorted(MONITORED)}'),
+      (config.model.image_size >= 32, f'model.image_size {config.model.image_size}: at least 32'),
+      (config.formulations.backend in FORMULATION_BACKENDS,
+       f'formulations.backend {config.formulations.backend!r}: one of {FORMULATION_BACKENDS}'),
+  ]
+  devices = jax.device_count()
+  for key in ('batch_size', 'eval_batch_size'):
+    checks.append((config[key] > 0 and config[key] % devices == 0,
+                   f'{key} {config[key]} must be a positive multiple of the device count ({devices})'))
+  if spec is not None:
+    checks += _backbone_checks(config, spec)
+  if config.formulations.backend in FORMULATION_BACKENDS:
+    try:
+      choose_formulations(config, 'cpu')
+    except ValueError as e:
+      checks.append((False, f'formulations: {e}'))
+  for prefix, phase in (('', config), ('fine_tune.', config.fine_tune)):
+    checks.append((phase.num_epochs <= 0 or phase.warmup_epochs < phase.num_epochs,
+                   f'{prefix}warmup_epochs {phase.warmup_epochs} must be less than {prefix}num_epochs '
+                   f'{phase.num_epochs}: the cosine decay needs steps after the warm-up'))
+  problems = [message for ok, message in checks if not ok]
+  if problems:
+    raise ValueError('invalid config: ' + '; '.join(problems))
+
+
+def _backbone_checks(config: ml_collections.ConfigDict, spec: models.BackboneSpec) -> list[tuple[bool, str]]:
+  """Keys of backbone groups (e.g. model.nasnet) set for another backbone; a BN momentum without BatchNorm."""
+  checks = []
+  groups = {row.config_group for row in models.BACKBONES.values() if row.config_group}
+  for group in sorted(groups - {spec.config_group}):
+    set_keys = [k for k, v in config.model[group].items() if v is not None]
+    owners = ', '.join(sorted(n for n, row in models.BACKBONES.items() if row.config_group == group))
+    checks.append((not set_keys, f'model.{group}.{",".join(set_keys)} only applies to the backbones '
+                                 f'{owners}, not {config.model.name}'))
+  checks.append((config.model.bn_momentum is None or spec.has_batch_norm,
+                 f'model.bn_momentum: {config.model.name} has no BatchNorm'))
+  return checks
