@@ -273,7 +273,7 @@ def to_markdown(results: dict[str, Any]) -> str:
   begin, end = markers(results.get('section', ''))
   lines = [
       begin,
-      '## Training and inference speed: covid_jax vs Keras 3' + (f' ({results["section"]})' if results.get('section')
+      '### Training and inference speed: covid_jax vs Keras 3' + (f' ({results["section"]})' if results.get('section')
                                                                   else ''),
       '',
       ', '.join(f'`{c}`' for c in results['commands'])

@@ -119,7 +119,7 @@ def main() -> None:
   data = NamedSharding(mesh, PartitionSpec(steps.AXIS))
   zeros = {k: jax.make_array_from_process_local_data(data, np.zeros(s.shape, s.dtype)) for k, s in batch.items()}
   start = time.perf_counter()
-  # The compiled step's first run is slower than the later ones: it faults its buffers in (BENCHMARKS.md).
+  # The compiled step's first run is slower than the later ones: it faults its buffers in (benchmarks/BENCHMARKS.md).
   jax.block_until_ready(train_step(train_state, zeros, jax.random.key(0)))
   seconds['first run'] = time.perf_counter() - start
 

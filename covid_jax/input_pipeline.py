@@ -24,14 +24,16 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Batch = dict[str, jax.Array]
+# The mesh's one axis: batches are split along it, and the steps' collectives run over it.
+AXIS = 'data'
 
 # Cache decoded images in memory only while they take less than this share of RAM.
 _CACHE_MEMORY_FRACTION = 0.25
 
 
 def data_mesh() -> Mesh:
-  """1-D mesh over every device of every process, axis 'data'."""
-  return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  """1-D mesh over every device of every process, axis AXIS ('data')."""
+  return jax.make_mesh((jax.device_count(),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def dataset_dir(data_dir: str | os.PathLike) -> Path:
@@ -179,5 +181,5 @@ class SplitReader:
 
   def _to_global(self, local_batch: dict[str, np.ndarray]) -> Batch:
     """This process's part of a batch -> global arrays sharded over the mesh's 'data' axis."""
-    sharding = NamedSharding(self.mesh, PartitionSpec('data'))
+    sharding = NamedSharding(self.mesh, PartitionSpec(AXIS))
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

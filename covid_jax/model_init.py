@@ -17,7 +17,7 @@ from covid_jax.models import formulations
 from covid_jax.models.classifier import Classifier
 from covid_jax.models.head import Head
 from covid_jax.port import store
-from covid_jax.steps import AXIS
+from covid_jax.input_pipeline import AXIS
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # config.formulations keys that force one op's formulation (None keeps the backend's).

@@ -23,10 +23,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from covid_jax import input_pipeline, runtime
+from covid_jax.input_pipeline import AXIS
 from covid_jax.models.head import FIRST_DENSE
 from covid_jax.state import Phase, Trainable, TrainState
-
-AXIS = 'data'
 
 
 def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:

@@ -98,11 +98,12 @@ def test_frozen_backbone_is_bit_identical(built_dataset, tmp_path):
   data_dir, _ = built_dataset
   config = tiny_config(data_dir, num_epochs=1, freeze_backbone=True)
   trainer = train.Trainer(config, str(tmp_path))
-  state = steps.replicate(trainer.new_state(model_init.initial_variables(trainer.model, config), 0), trainer.mesh)
-  before = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
+  variables = model_init.initial_variables(trainer.model, config)
+  train_state = steps.replicate(trainer.new_state(variables, 0), trainer.mesh)
+  before = jax.device_get({'params': train_state.params, 'batch_stats': train_state.batch_stats})
   train_fn, _ = trainer.compile_steps(trainer.phases[0])
-  state, _ = train._train_epoch(trainer, train_fn, state, epoch=1)
-  after = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
+  train_state, _ = train._train_epoch(trainer, train_fn, train_state, epoch=1)
+  after = jax.device_get({'params': train_state.params, 'batch_stats': train_state.batch_stats})
   for collection in ('params', 'batch_stats'):
     same = jax.tree.map(np.array_equal, before[collection]['backbone'], after[collection]['backbone'])
     assert all(jax.tree.leaves(same)), collection
@@ -151,7 +152,7 @@ def test_train_step_is_one_sgd_step_on_the_trainable_parameters(built_dataset, t
   trainer = train.Trainer(config, str(tmp_path))
   variables = model_init.initial_variables(trainer.model, config, outline=trainer.outline)
   phase = trainer.phases[1]
-  state = steps.replicate(trainer.new_state(variables, 1), trainer.mesh)
+  train_state = steps.replicate(trainer.new_state(variables, 1), trainer.mesh)
   batch = next(trainer.readers['train'].train_epoch(8, 1, 0, flip=False, contrast=0.0))
   images, labels = np.asarray(batch['image']), np.asarray(batch['label'])
 
@@ -169,7 +170,7 @@ def test_train_step_is_one_sgd_step_on_the_trainable_parameters(built_dataset, t
   flat = lambda tree: {'/'.join(path): np.array(leaf) for path, leaf in traverse_util.flatten_dict(tree).items()}
   before, gradient = flat(variables['params']), flat(grads)  # Copied: the step donates the state's arrays.
   train_fn, _ = steps.compile_steps(trainer.mesh, phase, config, separate_update=separate_update)
-  after = flat(train_fn(state, batch, jax.random.key(0))[0].params)
+  after = flat(train_fn(train_state, batch, jax.random.key(0))[0].params)
   unfrozen = {'block5_conv1', 'block5_conv2', 'block5_conv3'}
   trainable = {path for path in before if path.startswith('head/') or path.split('/')[1] in unfrozen}
   for path in before.keys() - trainable:
@@ -257,10 +258,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(built_dataset, tmp_
 
   real_epoch = train._train_epoch
 
-  def interrupted(trainer, train_fn, state, epoch):
+  def interrupted(trainer, train_fn, train_state, epoch):
     if epoch == 2:
       raise KeyboardInterrupt
-    return real_epoch(trainer, train_fn, state, epoch)
+    return real_epoch(trainer, train_fn, train_state, epoch)
 
   monkeypatch.setattr(train, '_train_epoch', interrupted)
   with pytest.raises(KeyboardInterrupt):
@@ -291,8 +292,8 @@ def test_test_metrics_agree_with_sklearn_on_fixed_logits(built_dataset, tmp_path
   logits = rng.normal(size=(n, 2)) + np.stack([1 - labels, labels], 1) * 0.8
   real = steps.split_outputs
 
-  def fixed(eval_fn, state, reader, batch_size, keep_images=False):
-    outputs = real(eval_fn, state, reader, batch_size, keep_images)
+  def fixed(eval_fn, train_state, reader, batch_size, keep_images=False):
+    outputs = real(eval_fn, train_state, reader, batch_size, keep_images)
     if keep_images:  # The test split.
       outputs.update(label=labels, logits=logits)
     return outputs
@@ -370,13 +371,13 @@ def test_tracing_a_model_starts_no_full_garbage_collection(built_dataset, tmp_pa
   config = tiny_config(data_dir)
   trainer = train.Trainer(config, str(tmp_path))
   variables = model_init.initial_variables(trainer.model, config, outline=trainer.outline)
-  state = steps.replicate(trainer.new_state(variables, 0), trainer.mesh)
+  train_state = steps.replicate(trainer.new_state(variables, 0), trainer.mesh)
   batch = next(trainer.readers['train'].train_epoch(config.batch_size, 1, 0, flip=False, contrast=0.0))
   traced = {
       'outline': lambda outline: outline(trainer.model, config),
       # A new step each time, so that nothing of the previous trace is reused.
       'train step': lambda compile: compile(trainer.compile_steps(trainer.phases[0])[0],
-                                            state, batch, jax.random.key(0)),
+                                            train_state, batch, jax.random.key(0)),
   }
   undecorated = {'outline': model_init.model_outline.__wrapped__, 'train step': steps.TrainStep.compile.__wrapped__}
   decorated = {'outline': model_init.model_outline, 'train step': steps.TrainStep.compile}
