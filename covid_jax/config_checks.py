@@ -4,7 +4,8 @@ import jax
 import ml_collections
 
 from covid_jax import models
-from covid_jax.model_init import DTYPES, choose_formulations
+from covid_jax.model_init import DTYPES, FORMULATION_KEYS
+from covid_jax.models import formulations
 from covid_jax.progress import MONITORED
 from covid_jax.state import OPTIMIZERS
 
@@ -33,11 +34,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                    f'{key} {config[key]} must be a positive multiple of the device count ({devices})'))
   if spec is not None:
     checks += _backbone_checks(config, spec)
-  if config.formulations.backend in FORMULATION_BACKENDS:
-    try:
-      choose_formulations(config, 'cpu')
-    except ValueError as e:
-      checks.append((False, f'formulations: {e}'))
+  for key in FORMULATION_KEYS:
+    value, allowed = config.formulations[key], formulations.ALLOWED[key]
+    checks.append((value is None or value in allowed, f'formulations.{key} {value!r}: one of {allowed}'))
   for prefix, phase in (('', config), ('fine_tune.', config.fine_tune)):
     checks.append((phase.num_epochs <= 0 or phase.warmup_epochs < phase.num_epochs,
                    f'{prefix}warmup_epochs {phase.warmup_epochs} must be less than {prefix}num_epochs '

@@ -47,8 +47,7 @@ def roc_auc(labels: np.ndarray, covid_probability: np.ndarray) -> float | None:
   """ROC AUC of the COVID probability; None when `labels` hold one class only (AUC is undefined).
 
   Computed as the Mann-Whitney statistic (tied scores count half), which is the area under the ROC
-  curve that scikit-learn integrates. From ranks, a 1,000-resample bootstrap of ROC AUC and accuracy
-  on 620 examples takes 0.15 s instead of 4.6 s.
+  curve that scikit-learn integrates; from ranks it is cheap enough for a bootstrap of many resamples.
   """
   positive = np.asarray(labels) == 1
   num_positive = int(positive.sum())

@@ -1,8 +1,8 @@
 """Every row of the backbone registry against its Keras counterpart, built with random weights at a small size.
 
 For each row: the port takes every Keras weight by layer name, preprocessing is the row's Keras module's
-`preprocess_input`, `has_batch_norm` and `keras_top_layers` describe the Keras model, and a config group's
-`extra_args` are constructor arguments.
+`preprocess_input`, `has_batch_norm` and `keras_top_layers` describe the Keras model, a config group's
+`extra_args` are constructor arguments, and the config checks accept the row.
 """
 
 import dataclasses
@@ -13,7 +13,8 @@ import keras
 import numpy as np
 import pytest
 
-from covid_jax import models, port
+from configs import default
+from covid_jax import config_checks, model_init, models, port
 from covid_jax.port.keras_models import keras_backbone, keras_module
 
 ROWS = sorted(models.BACKBONES)
@@ -119,3 +120,22 @@ def test_config_group_arguments_are_constructor_arguments(name):
   backbone = models.create_backbone(name, **{arg: fields[arg] for arg in spec.extra_args})
   assert all(getattr(backbone, arg) == fields[arg] for arg in spec.extra_args)
 
+
+
+@pytest.mark.parametrize('name', ROWS)
+def test_config_checks_accept_the_row_and_pass_its_arguments_on(name):
+  """configs/default.py names the row's extra arguments; a BN momentum is accepted exactly where it has BatchNorm."""
+  spec = models.get_spec(name)
+  config = default.get_config()
+  config.model.name = name
+  config_checks.validate_config(config)
+  if spec.config_group:
+    assert set(config.model[spec.config_group]) == set(spec.extra_args)
+  config.model.bn_momentum = 0.9
+  if spec.has_batch_norm:
+    config_checks.validate_config(config)
+    backbone = models.create_backbone(name, **model_init.backbone_args(config))
+    assert backbone.bn_momentum == 0.9
+  else:
+    with pytest.raises(ValueError, match=f'model.bn_momentum: {name} has no BatchNorm'):
+      config_checks.validate_config(config)

@@ -1,6 +1,7 @@
 """The training system on a tiny fixture: it learns, freezes, stops, resumes, scales and reports honestly."""
 
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -25,7 +26,7 @@ from sklearn import metrics as sk_metrics
 from configs import default, demo
 from covid_jax import metrics, model_init, progress, runtime, state, steps, train
 from covid_jax.config_checks import validate_config
-from covid_jax.models import conv, depthwise
+from covid_jax.models import conv, depthwise, formulations
 from covid_jax.models.head import FIRST_DENSE
 from covid_jax.port import keras_models, store
 from covid_jax.port.keras_models import keras_backbone
@@ -190,7 +191,17 @@ def test_train_step_is_two_programs_on_a_cpu():
   assert steps.compile_steps(mesh, state.make_phases(config)[0], config, separate_update=True)[0].separate_update
 
 
-def _ported_tiny_backbone(config: ml_collections.ConfigDict, directory: Path, layer_order: list[str]) -> None:
+def test_config_forces_the_accelerator_formulations_on_a_cpu(built_dataset, tmp_path):
+  """formulations.backend=accelerator runs the GPU/TPU choices here: the models and the step receive them."""
+  data_dir, _ = built_dataset
+  trainer = train.Trainer(tiny_config(data_dir, **{'formulations.backend': 'accelerator',
+                                                   'formulations.pooling': 'reduce_window'}), str(tmp_path))
+  assert trainer.formulations == dataclasses.replace(formulations.ACCELERATOR, pooling='reduce_window')
+  assert trainer.model.backbone.formulations == trainer.formulations
+  assert not trainer.compile_steps(trainer.phases[0])[0].separate_update
+
+
+(config: ml_collections.ConfigDict, directory: Path, layer_order: list[str]) -> None:
   """Writes the tiny model's backbone as ported weights whose port_info.json records `layer_order`."""
   outline = model_init.model_outline(model_init.create_model(config), config).variables
   variables = {col: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree['backbone'])
@@ -406,6 +417,10 @@ def test_invalid_config_values_name_the_key(built_dataset, tmp_path):
   data_dir, _ = built_dataset
   with pytest.raises(ValueError, match='model.pooling'):
     validate_config(tiny_config(data_dir, **{'model.pooling': 'mean'}))
+  with pytest.raises(ValueError, match=r"formulations\.depthwise 'shifty': one of \('shifted', 'grouped'\)"):
+    validate_config(tiny_config(data_dir, **{'formulations.depthwise': 'shifty'}))
+  with pytest.raises(ValueError, match=r"formulations\.backend 'gpu': one of \('auto', 'cpu', 'accelerator'\)"):
+    validate_config(tiny_config(data_dir, **{'formulations.backend': 'gpu'}))
   with pytest.raises(ValueError, match=r'model\.nasnet\..*num_blocks.* only applies to the backbones nasnet.*, not resnet50'):
     validate_config(tiny_config(data_dir, **{'model.name': 'resnet50'}))
   with pytest.raises(ValueError, match=r'fine_tune\.warmup_epochs 2 must be less than fine_tune\.num_epochs 2'):
