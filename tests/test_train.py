@@ -201,7 +201,7 @@ def test_config_forces_the_accelerator_formulations_on_a_cpu(built_dataset, tmp_
   assert not trainer.compile_steps(trainer.phases[0])[0].separate_update
 
 
-(config: ml_collections.ConfigDict, directory: Path, layer_order: list[str]) -> None:
+def _ported_tiny_backbone(config: ml_collections.ConfigDict, directory: Path, layer_order: list[str]) -> None:
   """Writes the tiny model's backbone as ported weights whose port_info.json records `layer_order`."""
   outline = model_init.model_outline(model_init.create_model(config), config).variables
   variables = {col: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree['backbone'])
