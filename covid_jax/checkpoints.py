@@ -7,10 +7,12 @@ Each checkpoint holds the train state and a JSON record of the run's progress.
 """
 
 import os
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 STATE, PROGRESS = 'state', 'progress'
 WHICH = ('latest', 'best')
@@ -34,6 +36,9 @@ class RunCheckpoints:
   def save(self, epoch: int, state: Any, progress: dict[str, Any], is_best: bool) -> None:
     """Writes epoch `epoch` as the latest checkpoint, and as the best one when `is_best`.
 
+    A save that Orbax skips (a step at or below one it holds already) is an error, not silence. A run
+    killed between the two writes leaves a latest epoch that is also the best; `complete_best` copies it.
+
     On one host the (replicated) state is saved as NumPy arrays, which Orbax writes faster than
     jax.Arrays; restoring gives NumPy arrays, which the trainer puts back on its devices. Several hosts
     save jax.Arrays, whose writes Orbax coordinates across processes.
@@ -41,9 +46,35 @@ class RunCheckpoints:
     if jax.process_count() == 1:
       state = jax.device_get(state)
     args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state), PROGRESS: ocp.args.JsonSave(progress)})
-    self._managers['latest'].save(epoch, args=args)
-    if is_best:
-      self._managers['best'].save(epoch, args=args)
+    for which in ('latest', 'best') if is_best else ('latest',):
+      manager = self._managers[which]
+      if not manager.save(epoch, args=args):
+        raise RuntimeError(f'epoch {epoch} was not saved: {manager.directory} holds step {manager.latest_step()} '
+                           'already, from another run')
+
+  def complete_best(self, best_epoch: int | None) -> None:
+    """Makes 'best' hold `best_epoch`, the best epoch the latest checkpoint's progress names.
+
+    Where a run was killed after its latest save and before its best one, that epoch is the latest
+    checkpoint, which is copied. Any other disagreement is an error naming both folders.
+    """
+    best, latest = self._managers['best'], self._managers['latest']
+    if best_epoch is None or best.latest_step() == best_epoch:
+      return
+    if latest.latest_step() != best_epoch:
+      raise RuntimeError(f'{best.directory} holds step {best.latest_step()}, but the progress in {latest.directory} '
+                         f'names epoch {best_epoch} as the best: the checkpoints are not one run\'s')
+    if jax.process_index() == 0:
+      partial = os.path.join(best.directory, f'{best_epoch}.partial-copy')
+      shutil.rmtree(partial, ignore_errors=True)
+      shutil.copytree(os.path.join(latest.directory, str(best_epoch)), partial)
+      os.replace(partial, os.path.join(best.directory, str(best_epoch)))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('covid_jax.checkpoints.complete_best')
+    best.reload()
+    for step in best.all_steps():
+      if step != best_epoch:
+        best.delete(step)
 
   def progress(self, which: str) -> dict[str, Any] | None:
     """The progress record of the `which` ('latest' or 'best') checkpoint, or None where there is none yet."""

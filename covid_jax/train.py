@@ -112,17 +112,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   trainer = Trainer(config, workdir)
   try:
-    if trainer.is_writer:
-      reporting.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
     saved = trainer.checkpoints.progress('latest')
     if saved is None:
+      if trainer.checkpoints.progress('best') is not None:
+        raise ValueError(f'{os.path.join(workdir, "checkpoints")} holds a best checkpoint but no latest one: '
+                         'another run\'s leftovers. Delete that folder to start afresh, or choose another workdir')
       progress = Progress()
       variables = model_init.initial_variables(trainer.model, config, outline=trainer.outline)
       train_state = steps.replicate(trainer.new_state(variables, 0), trainer.mesh)
     else:
       progress = Progress.from_json(saved)
+      trainer.checkpoints.complete_best(progress.early_stopping.get('best_epoch'))
       logging.info('Resuming from epoch %d (phase %s).', progress.epoch, trainer.phases[progress.phase].name)
       train_state = trainer.restore('latest', progress.phase)
+    if trainer.is_writer:
+      reporting.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
     _train(trainer, train_state, progress)
     return _final_report(trainer)
   finally:

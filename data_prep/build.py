@@ -188,11 +188,32 @@ def _provenance_warnings(kept: Sequence[tuple[str, int]]) -> list[str]:
   return warnings
 
 
+def check_output_dir(data_dir: Path, overwrite: bool, source_dir: Path | None = None) -> None:
+  """Refuses, before any work, an output the build could not write or must not replace.
+
+  The output may not be, contain or lie inside the source; an existing non-empty output is replaced only
+  with `overwrite`, and only if it is a previous build (it holds manifest.json): nothing else is deleted.
+  """
+  data_dir = data_dir.resolve()
+  if source_dir is not None:
+    source = source_dir.resolve()
+    if data_dir == source or data_dir in source.parents or source in data_dir.parents:
+      raise BuildError(f'output directory {data_dir} is, contains or lies inside the source {source}; '
+                       'choose a --data_dir outside it')
+  if data_dir.exists() and not data_dir.is_dir():
+    raise BuildError(f'output path {data_dir} exists and is not a directory')
+  if data_dir.is_dir() and any(data_dir.iterdir()):
+    if not overwrite:
+      raise BuildError(f'output directory {data_dir} already exists and is not empty; pass --overwrite to replace it')
+    if not (data_dir / 'manifest.json').is_file():
+      raise BuildError(f'output directory {data_dir} is not a previous build (no manifest.json): --overwrite '
+                       'replaces only a build; choose another --data_dir or empty it yourself')
+
+
 def write(manifest: Mapping[str, Any], to_write: Mapping[str, list[dict]], data_dir: Path, overwrite: bool) -> None:
   """Writes the TFDS dataset and manifest.json into a temporary sibling, then renames it to data_dir."""
+  check_output_dir(data_dir, overwrite)
   data_dir = data_dir.absolute()
-  if data_dir.exists() and any(data_dir.iterdir()) and not overwrite:
-    raise BuildError(f'output directory {data_dir} already exists and is not empty; pass --overwrite to replace it')
   data_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = data_dir.parent / f'.{data_dir.name}.incomplete-{os.getpid()}'
   shutil.rmtree(tmp, ignore_errors=True)
@@ -263,6 +284,7 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> int:
   del argv
   try:
+    check_output_dir(Path(FLAGS.data_dir), FLAGS.overwrite, Path(FLAGS.source_dir))
     manifest, to_write = plan(Path(FLAGS.source_dir), parse_label_map(FLAGS.label_map), parse_fractions(FLAGS.split),
                               FLAGS.seed, FLAGS.image_size, FLAGS.keep_aspect, FLAGS.max_pixels,
                               FLAGS.near_duplicate_threshold)

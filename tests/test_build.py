@@ -28,6 +28,37 @@ def _run_build(*args: str) -> subprocess.CompletedProcess:
                         env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'})
 
 
+def _tree(root: Path) -> dict[str, bytes]:
+  return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob('*')) if p.is_file()}
+
+
+def test_overwrite_replaces_only_a_previous_build_and_never_the_source(tmp_path):
+  """--overwrite once deleted whatever folder it was given: the source's parent, the source, unrelated files."""
+  source = tmp_path / 'collection' / 'images'
+  for label in ('0', '1'):
+    (source / label).mkdir(parents=True)
+    (source / label / 'x.png').write_bytes(b'not read: the output is refused first')
+  (tmp_path / 'collection' / 'notes.txt').write_text('unrelated')
+  unrelated = tmp_path / 'results'
+  unrelated.mkdir()
+  (unrelated / 'table.csv').write_text('a,b\n')
+  a_file = tmp_path / 'file.txt'
+  a_file.write_text('x')
+  before = _tree(tmp_path)
+  refusals = {
+      source.parent: 'is, contains or lies inside the source',
+      source: 'is, contains or lies inside the source',
+      source / '0' / 'built': 'is, contains or lies inside the source',
+      unrelated: 'is not a previous build',
+      a_file: 'exists and is not a directory',
+  }
+  for data_dir, reason in refusals.items():
+    result = _run_build('--source_dir', str(source), '--data_dir', str(data_dir), '--overwrite')
+    assert result.returncode != 0 and reason in result.stderr, (data_dir, result.stderr)
+    assert 'decoding' not in result.stdout + result.stderr  # Refused before any work.
+  assert _tree(tmp_path) == before
+
+
 def test_every_file_is_accounted_for_exactly_once(synthetic_source, built_dataset):
   _, manifest = built_dataset
   on_disk = sorted(p.relative_to(synthetic_source.root).as_posix() for p in synthetic_source.root.rglob('*')

@@ -6,6 +6,7 @@ import gc
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from flax import traverse_util
 from sklearn import metrics as sk_metrics
 
 from configs import default, demo
-from covid_jax import metrics, model_init, progress, runtime, state, steps, train
+from covid_jax import checkpoints, metrics, model_init, progress, runtime, state, steps, train
 from covid_jax.config_checks import validate_config
 from covid_jax.models import conv, depthwise, formulations
 from covid_jax.models.head import FIRST_DENSE
@@ -283,6 +284,67 @@ def test_resume_after_interruption_matches_uninterrupted_run(built_dataset, tmp_
   assert resumed == whole
   same = jax.tree.map(np.array_equal, _latest_params(tmp_path / 'whole'), _latest_params(tmp_path / 'resumed'))
   assert all(jax.tree.leaves(same))
+
+
+_SPLIT_METRICS = metrics.split_metrics
+
+
+def _script_val_accuracy(monkeypatch: pytest.MonkeyPatch, values: list[float]) -> None:
+  """Each val evaluation from now on reports the next of `values` as its accuracy (replacing an earlier script)."""
+  real, script = _SPLIT_METRICS, list(values)
+
+  def scripted(outputs, smoothing, prefix):
+    scores = real(outputs, smoothing, prefix)
+    return {**scores, 'val_accuracy': script.pop(0)} if prefix == 'val' else scores
+  monkeypatch.setattr(metrics, 'split_metrics', scripted)
+
+
+def test_kill_between_the_latest_and_best_saves_resumes_to_the_same_report(built_dataset, tmp_path, monkeypatch):
+  """Killed after epoch 1's latest save, before its best one: the resumed run still reports epoch 1 as best."""
+  data_dir, _ = built_dataset
+  config = tiny_config(data_dir, num_epochs=2)
+  _script_val_accuracy(monkeypatch, [0.7, 0.6])
+  whole = train.train_and_evaluate(config, str(tmp_path / 'whole'))
+  assert whole['best_epoch'] == 1
+
+  real_save = ocp.CheckpointManager.save
+
+  def killed_before_best(manager, step, *args, **kwargs):
+    if manager.directory.name == 'best':
+      raise KeyboardInterrupt
+    return real_save(manager, step, *args, **kwargs)
+
+  _script_val_accuracy(monkeypatch, [0.7])
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', killed_before_best)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path / 'killed'))
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', real_save)
+  _script_val_accuracy(monkeypatch, [0.6])
+  assert train.train_and_evaluate(config, str(tmp_path / 'killed')) == whole
+
+
+def test_another_runs_best_checkpoint_is_refused_not_reported(built_dataset, tmp_path):
+  """With `latest/` lost, a new run once trained from scratch and reported the old run's best epoch."""
+  data_dir, _ = built_dataset
+  train.train_and_evaluate(tiny_config(data_dir, num_epochs=1), str(tmp_path))
+  shutil.rmtree(tmp_path / 'checkpoints' / 'latest')
+  before = (tmp_path / 'test_metrics.json').read_bytes()
+  with pytest.raises(ValueError, match='holds a best checkpoint but no latest one'):
+    train.train_and_evaluate(tiny_config(data_dir, num_epochs=1, seed=1), str(tmp_path))
+  assert (tmp_path / 'test_metrics.json').read_bytes() == before
+  assert json.loads((tmp_path / 'config.json').read_text())['seed'] == 0
+
+
+def test_a_save_orbax_would_skip_is_an_error(tmp_path):
+  state = {'w': np.zeros(3, np.float32)}
+  run = checkpoints.RunCheckpoints(str(tmp_path))
+  run.save(2, state, {'epoch': 2}, is_best=True)
+  run.close()
+  shutil.rmtree(tmp_path / 'checkpoints' / 'latest')
+  run = checkpoints.RunCheckpoints(str(tmp_path))
+  with pytest.raises(RuntimeError, match=r'epoch 1 was not saved: .*best holds step 2 already'):
+    run.save(1, state, {'epoch': 1}, is_best=True)
+  run.close()
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(built_dataset, tmp_path):
