@@ -20,8 +20,8 @@ from covid_jax.port import store
 from covid_jax.input_pipeline import AXIS
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-# config.formulations keys that force one op's formulation (None keeps the backend's).
-FORMULATION_KEYS = ('conv', 'pointwise', 'depthwise', 'pooling', 'separate_update')
+# config.formulations keys that force one op's formulation (None keeps the backend's): one per field.
+FORMULATION_KEYS = tuple(formulations.ALLOWED)
 
 
 def choose_formulations(config: ml_collections.ConfigDict, platform: str) -> formulations.Formulations:

@@ -33,13 +33,15 @@ import gc
 import logging
 import os
 import platform
-import resource
 import re
+import resource
 import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
+
+from absl import logging as absl_logging
 
 # mallopt parameters (glibc's malloc.h). A trim threshold of -1 reads as SIZE_MAX: never trim.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -156,8 +158,10 @@ class _LibraryChatter(logging.Filter):
 
 
 def quiet_library_logs() -> None:
-  """Keeps warnings and the run's own log; drops TensorFlow's, TFDS's, Orbax's and JAX's INFO log records."""
-  from absl import logging as absl_logging  # absl routes Python logging to its handler under app.run.
+  """Keeps warnings and the run's own log; drops TensorFlow's, TFDS's, Orbax's and JAX's INFO log records.
+
+  absl routes Python logging to its handler under app.run: the filter sits there.
+  """
   handler = absl_logging.get_absl_handler()
   if not any(isinstance(f, _LibraryChatter) for f in handler.filters):
     handler.addFilter(_LibraryChatter())
@@ -190,7 +194,6 @@ def quiet_tensorflow_import() -> Iterator[None]:
 
 def configure(config: Any) -> None:
   """Applies the config's process settings; call it before the JAX backend starts (before any device query)."""
-  from absl import logging as absl_logging
   import jax
   quiet_library_logs()
   # Before the backend starts, so XLA's threads share the one arena.

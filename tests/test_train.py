@@ -246,16 +246,22 @@ def test_early_stopping_rule(values, patience, min_delta, stop_epoch, best_epoch
   assert (epoch, stopper.best_epoch) == (stop_epoch, best_epoch)
 
 
+_SPLIT_METRICS = metrics.split_metrics
+
+
+def _script_val_accuracy(monkeypatch: pytest.MonkeyPatch, values: list[float]) -> None:
+  """Each val evaluation from now on reports the next of `values` as its accuracy (replacing an earlier script)."""
+  real, script = _SPLIT_METRICS, list(values)
+
+  def scripted(outputs, smoothing, prefix):
+    scores = real(outputs, smoothing, prefix)
+    return {**scores, 'val_accuracy': script.pop(0)} if prefix == 'val' else scores
+  monkeypatch.setattr(metrics, 'split_metrics', scripted)
+
+
 def test_early_stopping_keeps_the_best_checkpoint(built_dataset, tmp_path, monkeypatch):
   data_dir, _ = built_dataset
-  scripted = iter([0.50, 0.70, 0.65, 0.70, 0.60, 0.69, 0.99])
-  real = metrics.split_metrics
-
-  def scripted_val(outputs, smoothing, prefix):
-    scores = real(outputs, smoothing, prefix)
-    return {**scores, 'val_accuracy': next(scripted)} if prefix == 'val' else scores
-
-  monkeypatch.setattr(metrics, 'split_metrics', scripted_val)
+  _script_val_accuracy(monkeypatch, [0.50, 0.70, 0.65, 0.70, 0.60, 0.69, 0.99])
   config = tiny_config(data_dir, num_epochs=7, **{'early_stopping.patience': 3})
   result = train.train_and_evaluate(config, str(tmp_path))
   assert [r['epoch'] for r in _history(tmp_path)] == [1, 2, 3, 4, 5]
@@ -284,19 +290,6 @@ def test_resume_after_interruption_matches_uninterrupted_run(built_dataset, tmp_
   assert resumed == whole
   same = jax.tree.map(np.array_equal, _latest_params(tmp_path / 'whole'), _latest_params(tmp_path / 'resumed'))
   assert all(jax.tree.leaves(same))
-
-
-_SPLIT_METRICS = metrics.split_metrics
-
-
-def _script_val_accuracy(monkeypatch: pytest.MonkeyPatch, values: list[float]) -> None:
-  """Each val evaluation from now on reports the next of `values` as its accuracy (replacing an earlier script)."""
-  real, script = _SPLIT_METRICS, list(values)
-
-  def scripted(outputs, smoothing, prefix):
-    scores = real(outputs, smoothing, prefix)
-    return {**scores, 'val_accuracy': script.pop(0)} if prefix == 'val' else scores
-  monkeypatch.setattr(metrics, 'split_metrics', scripted)
 
 
 def test_kill_between_the_latest_and_best_saves_resumes_to_the_same_report(built_dataset, tmp_path, monkeypatch):
