@@ -3,24 +3,52 @@
 Two Orbax CheckpointManagers under RUN/checkpoints: `latest/` keeps only the last
 completed epoch, `best/` only the epoch that early stopping last called an
 improvement — so "best" means exactly what the training log says it means.
-Each checkpoint holds the train state and a JSON record of the run's progress.
+Each checkpoint holds the train state, a JSON record of the run's progress, and
+the run's record (`covid_jax.workdir.run_record`: its config and data digest).
 """
 
 import os
 import shutil
+import sys
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-STATE, PROGRESS = 'state', 'progress'
+STATE, PROGRESS, RUN = 'state', 'progress', 'run'
 WHICH = ('latest', 'best')
+
+
+def _hide_closed_loop_callbacks() -> None:
+  """Drops the 'Event loop is closed' errors TensorStore reports for reads still pending after one failed.
+
+  Orbax closes its event loop on the first error; each pending read then fails to call back into it and
+  reports the error (as an uncaught or an unraisable exception): hundreds of lines that bury the one that matters.
+  """
+  def closed_loop(value: BaseException | None) -> bool:
+    return isinstance(value, RuntimeError) and str(value) == 'Event loop is closed'
+
+  previous_excepthook, previous_unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def excepthook(kind: type[BaseException], value: BaseException, traceback: Any) -> None:
+    if not closed_loop(value):
+      previous_excepthook(kind, value, traceback)
+
+  def unraisablehook(unraisable: Any) -> None:
+    if not closed_loop(unraisable.exc_value):
+      previous_unraisablehook(unraisable)
+
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 
 def _manager(directory: str) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False)
-  return ocp.CheckpointManager(directory, options=options, item_names=(STATE, PROGRESS))
+  return ocp.CheckpointManager(directory, options=options, item_names=(STATE, PROGRESS, RUN))
+
+
+class CorruptCheckpointError(RuntimeError):
+  """A checkpoint that cannot be read; the message names it, the file and the way on."""
 
 
 class RunCheckpoints:
@@ -29,9 +57,11 @@ class RunCheckpoints:
   One object per run, open from the first epoch until the report is written; `close` ends it.
   """
 
-  def __init__(self, workdir: str):
-    root = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    self._managers = {which: _manager(os.path.join(root, which)) for which in WHICH}
+  def __init__(self, workdir: str, record: dict[str, Any]):
+    """`record` is the run's record, saved with every checkpoint."""
+    self.root = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.record = record
+    self._managers = {which: _manager(os.path.join(self.root, which)) for which in WHICH}
 
   def save(self, epoch: int, state: Any, progress: dict[str, Any], is_best: bool) -> None:
     """Writes epoch `epoch` as the latest checkpoint, and as the best one when `is_best`.
@@ -45,7 +75,8 @@ class RunCheckpoints:
     """
     if jax.process_count() == 1:
       state = jax.device_get(state)
-    args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state), PROGRESS: ocp.args.JsonSave(progress)})
+    args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state), PROGRESS: ocp.args.JsonSave(progress),
+                                 RUN: ocp.args.JsonSave(self.record)})
     for which in ('latest', 'best') if is_best else ('latest',):
       manager = self._managers[which]
       if not manager.save(epoch, args=args):
@@ -56,14 +87,16 @@ class RunCheckpoints:
     """Makes 'best' hold `best_epoch`, the best epoch the latest checkpoint's progress names.
 
     Where a run was killed after its latest save and before its best one, that epoch is the latest
-    checkpoint, which is copied. Any other disagreement is an error naming both folders.
+    checkpoint, which is copied. Where neither holds it, the best epoch's weights are lost: an error.
     """
     best, latest = self._managers['best'], self._managers['latest']
     if best_epoch is None or best.latest_step() == best_epoch:
       return
     if latest.latest_step() != best_epoch:
-      raise RuntimeError(f'{best.directory} holds step {best.latest_step()}, but the progress in {latest.directory} '
-                         f'names epoch {best_epoch} as the best: the checkpoints are not one run\'s')
+      raise CorruptCheckpointError(
+          f'the run\'s best epoch is {best_epoch}, but {best.directory} holds {best.latest_step()} and '
+          f'{latest.directory} holds {latest.latest_step()}: the best epoch\'s weights are gone, so the run cannot '
+          'report it. Start the run afresh in another --workdir.')
     if jax.process_index() == 0:
       partial = os.path.join(best.directory, f'{best_epoch}.partial-copy')
       shutil.rmtree(partial, ignore_errors=True)
@@ -76,20 +109,49 @@ class RunCheckpoints:
       if step != best_epoch:
         best.delete(step)
 
-  def progress(self, which: str) -> dict[str, Any] | None:
-    """The progress record of the `which` ('latest' or 'best') checkpoint, or None where there is none yet."""
-    manager = self._managers[which]
-    step = manager.latest_step()
+  def step(self, which: str) -> int | None:
+    """The epoch the `which` ('latest' or 'best') checkpoint holds, or None where there is none yet."""
+    return self._managers[which].latest_step()
+
+  def saved(self, which: str) -> dict[str, Any] | None:
+    """{'progress': ..., 'run': ...} of the `which` checkpoint, or None where there is none yet."""
+    step = self.step(which)
     if step is None:
       return None
-    return manager.restore(step, args=ocp.args.Composite(**{PROGRESS: ocp.args.JsonRestore()}))[PROGRESS]
+    return self._read(which, step, {PROGRESS: ocp.args.JsonRestore(), RUN: ocp.args.JsonRestore()})
+
+  def progress(self, which: str) -> dict[str, Any] | None:
+    """The progress record of the `which` checkpoint, or None where there is none yet."""
+    saved = self.saved(which)
+    return None if saved is None else saved[PROGRESS]
 
   def restore(self, which: str, abstract_state: Any) -> Any:
     """The `which` checkpoint's state, shaped as `abstract_state` (a tree of jax.ShapeDtypeStruct)."""
-    manager = self._managers[which]
-    step = manager.latest_step()
-    restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state)}))
-    return restored[STATE]
+    return self._read(which, self.step(which), {STATE: ocp.args.StandardRestore(abstract_state)})[STATE]
+
+  def _read(self, which: str, step: int, items: dict[str, Any]) -> dict[str, Any]:
+    try:
+      return dict(self._managers[which].restore(step, args=ocp.args.Composite(**items)))
+    except Exception as e:  # Orbax and TensorStore raise many types; the message names the file.
+      _hide_closed_loop_callbacks()
+      raise CorruptCheckpointError(self._corrupt_message(which, step, e)) from None
+
+  def _corrupt_message(self, which: str, step: int, error: Exception) -> str:
+    folder = os.path.join(self.root, which, str(step))
+    # TensorStore appends its whole JSON spec to the message: the part before it names the file.
+    reason = (str(error).strip().splitlines() or [''])[0].split(' [tensorstore_spec=')[0]
+    aside = os.path.join(os.path.dirname(self.root), f'corrupt-{which}-{step}')
+    best = self.step('best')
+    if which == 'latest' and best is not None and best <= step:
+      way_on = (f'To resume from the best checkpoint (epoch {best}), move {folder} out of the way (e.g. '
+                f'`mv {folder} {aside}`) and rerun the same command: epochs after {best} are trained again, '
+                'to the same result.')
+    elif which == 'best':
+      way_on = (f'Move {folder} out of the way (e.g. `mv {folder} {aside}`) and rerun the same command: the run '
+                f'takes epoch {step} from {os.path.join(self.root, "latest")} where that still holds it.')
+    else:
+      way_on = 'No other checkpoint of this run is left: start it afresh in another --workdir.'
+    return f'checkpoint {folder} cannot be read ({type(error).__name__}: {reason}). {way_on}'
 
   def close(self) -> None:
     for manager in self._managers.values():

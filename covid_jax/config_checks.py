@@ -13,6 +13,10 @@ POOLINGS = ('avg', 'max', 'flatten')
 FORMULATION_BACKENDS = ('auto', 'cpu', 'accelerator')
 
 
+class ConfigError(ValueError):
+  """A config value the run cannot use; the message names each key."""
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Fails early, naming the key, on values the run could only trip over later."""
   name = config.model.name
@@ -43,7 +47,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                    f'{phase.num_epochs}: the cosine decay needs steps after the warm-up'))
   problems = [message for ok, message in checks if not ok]
   if problems:
-    raise ValueError('invalid config: ' + '; '.join(problems))
+    raise ConfigError('invalid config: ' + '; '.join(problems))
 
 
 def _backbone_checks(config: ml_collections.ConfigDict, spec: models.BackboneSpec) -> list[tuple[bool, str]]:

@@ -30,7 +30,10 @@ def main(argv: list[str]) -> None:
   logging.info('JAX process %d of %d; local devices: %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
   logging.info('Global devices: %d x %s', jax.device_count(), jax.devices()[0].platform)
-  result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except train.USER_ERRORS as e:
+    raise SystemExit(f'error: {e}') from None
   if jax.process_index() == 0:
     print(reporting.print_metrics_table(result, title=f'test metrics (best epoch {result["best_epoch"]})'))
     print(f'Run directory: {FLAGS.workdir} (test_metrics.json, training_curves.png, confusion_matrix.png, '

@@ -20,8 +20,8 @@ import tensorflow as tf
 from absl import logging
 from tqdm import tqdm
 
-from covid_jax import checkpoints, input_pipeline, metrics, model_init, reporting, runtime, state, steps
-from covid_jax.config_checks import validate_config
+from covid_jax import checkpoints, input_pipeline, metrics, model_init, reporting, runtime, state, steps, workdir_checks
+from covid_jax.config_checks import ConfigError, validate_config
 from covid_jax.port import store
 from covid_jax.progress import EarlyStopping, Progress
 
@@ -30,6 +30,11 @@ SPLITS = ('train', 'val', 'test')
 
 class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+
+
+# Errors whose message says all a user needs (what is wrong, which key or file, what to do): printed alone.
+USER_ERRORS = (ConfigError, workdir_checks.WorkdirError, checkpoints.CorruptCheckpointError, NonFiniteLossError,
+               store.PortedWeightsError, FileNotFoundError)
 
 
 class Trainer:
@@ -44,14 +49,13 @@ class Trainer:
     self.readers = {split: input_pipeline.SplitReader(config.data_dir, split, size, self.mesh) for split in SPLITS}
     self.steps_per_epoch = self.readers['train'].steps_per_epoch(config.batch_size)
     if self.steps_per_epoch == 0:
-      raise ValueError(f'batch_size {config.batch_size} exceeds the {self.readers["train"].num_examples} training '
+      raise ConfigError(f'batch_size {config.batch_size} exceeds the {self.readers["train"].num_examples} training '
                        'examples: no full batch')
     self.formulations = model_init.choose_formulations(config, self.mesh.devices.flat[0].platform)
     self.model = model_init.create_model(config, self.formulations)
     self.phases = state.make_phases(config)
     self.outline = model_init.model_outline(self.model, config)
-    self.checkpoints = checkpoints.RunCheckpoints(workdir)
-    self.writer = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard')) if self.is_writer else None
+    self.checkpoints = checkpoints.RunCheckpoints(workdir, workdir_checks.run_record(config))
 
   def new_state(self, variables: dict[str, Any], phase_index: int, step: int = 0) -> state.TrainState:
     phase = self.phases[phase_index]
@@ -92,6 +96,11 @@ class Trainer:
     restored = self.new_state({'params': saved['params'], 'batch_stats': saved['batch_stats']}, phase_index)
     return steps.replicate(restored.replace(step=saved['step'], opt_state=saved['opt_state']), self.mesh)
 
+  @functools.cached_property
+  def writer(self) -> tf.summary.SummaryWriter | None:
+    """TensorBoard's writer, made on first use: a run refused at its start writes no event file."""
+    return tf.summary.create_file_writer(os.path.join(self.workdir, 'tensorboard')) if self.is_writer else None
+
   def log_scalars(self, scalars: dict[str, float], step: int) -> None:
     if self.writer is not None:
       with self.writer.as_default(step=step):
@@ -109,28 +118,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns the test metrics that are also written to `workdir`/test_metrics.json.
   """
+  workdir_checks.check_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   trainer = Trainer(config, workdir)
   try:
-    saved = trainer.checkpoints.progress('latest')
-    if saved is None:
-      if trainer.checkpoints.progress('best') is not None:
-        raise ValueError(f'{os.path.join(workdir, "checkpoints")} holds a best checkpoint but no latest one: '
-                         'another run\'s leftovers. Delete that folder to start afresh, or choose another workdir')
-      progress = Progress()
-      variables = model_init.initial_variables(trainer.model, config, outline=trainer.outline)
-      train_state = steps.replicate(trainer.new_state(variables, 0), trainer.mesh)
-    else:
-      progress = Progress.from_json(saved)
-      trainer.checkpoints.complete_best(progress.early_stopping.get('best_epoch'))
-      logging.info('Resuming from epoch %d (phase %s).', progress.epoch, trainer.phases[progress.phase].name)
-      train_state = trainer.restore('latest', progress.phase)
+    train_state, progress = _start_or_resume(trainer)
     if trainer.is_writer:
       reporting.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
     _train(trainer, train_state, progress)
     return _final_report(trainer)
   finally:
     trainer.checkpoints.close()
+
+
+def _start_or_resume(trainer: Trainer) -> tuple[state.TrainState, Progress]:
+  """The initial state, or the saved one of this run: from its latest checkpoint, else from its best one.
+
+  A saved run made with other settings is refused before anything is written (`workdir.check_same_run`).
+  """
+  run = trainer.checkpoints
+  source = next((which for which in checkpoints.WHICH if run.step(which) is not None), None)
+  if source is None:
+    variables = model_init.initial_variables(trainer.model, trainer.config, outline=trainer.outline)
+    return steps.replicate(trainer.new_state(variables, 0), trainer.mesh), Progress()
+  saved = run.saved(source)
+  workdir_checks.check_same_run(saved['run'], run.record, where=os.path.join(run.root, source, str(run.step(source))))
+  progress = Progress.from_json(saved['progress'])
+  run.complete_best(progress.early_stopping.get('best_epoch'))
+  train_state = trainer.restore(source, progress.phase)
+  logging.info('Resuming from epoch %d (phase %s) of the %s checkpoint.', progress.epoch,
+               trainer.phases[progress.phase].name, source)
+  return train_state, progress
 
 
 def _train(trainer: Trainer, train_state: state.TrainState, progress: Progress) -> None:
@@ -212,6 +230,7 @@ def _final_report(trainer: Trainer) -> dict[str, Any]:
   chosen = best if best is not None else latest
   if chosen is None:
     raise RuntimeError(f'no checkpoint in {trainer.workdir}: nothing was trained (num_epochs is 0?)')
+  last = latest if latest is not None else best  # None only when a run resumed from its best ends at once.
   # The best checkpoint's progress is as of that epoch; its phase tells which optimiser state it holds.
   train_state = trainer.restore(source, chosen['phase'])
   _, eval_fn = trainer.compile_steps(trainer.phases[chosen['phase']])
@@ -224,5 +243,5 @@ def _final_report(trainer: Trainer) -> dict[str, Any]:
       'split_sizes': {split: reader.num_examples for split, reader in trainer.readers.items()},
       'model': config.model.name,
   }
-  return reporting.final_report(trainer.workdir, outputs, latest['history'], details, seed=config.seed,
+  return reporting.final_report(trainer.workdir, outputs, last['history'], details, seed=config.seed,
                                 grid_size=config.prediction_grid_size, write=trainer.is_writer)

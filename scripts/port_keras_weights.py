@@ -2,9 +2,13 @@
 
   python scripts/port_keras_weights.py --model resnet50 --output ported_weights/resnet50
   python scripts/port_keras_weights.py --model vgg16 --keras_weights FILE_notop.h5 --output ported_weights/vgg16
+  python scripts/port_keras_weights.py --model resnet50 --keras_weights MINE.weights.h5
 
 Without --keras_weights, Keras downloads the weights, which needs internet. Offline,
 download the model's `..._notop.h5` file elsewhere and pass it with --keras_weights.
+A Keras 3 `.weights.h5` (what `model.save_weights` writes) of the same Keras model ports too.
+
+Bad arguments are refused (exit status 2) before Keras builds anything.
 
 Before writing anything, the Keras model (loaded the way keras.applications loads
 its weights) and the Flax backbone (loaded by layer name) run on the same seeded
@@ -12,6 +16,7 @@ random batch; above --tolerance nothing is written and the exit status is 1.
 """
 
 import argparse
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -27,25 +32,32 @@ _REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_REPO))
 
 import flax  # noqa: E402
+import h5py  # noqa: E402
 import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from covid_jax import models, port  # noqa: E402
-from covid_jax.port import store  # noqa: E402
-from covid_jax.port.keras_models import keras_backbone  # noqa: E402
+from covid_jax.port import store, weight_files  # noqa: E402
+from covid_jax.port.keras_models import keras3_table, keras_backbone  # noqa: E402
 
 _CHECK_BATCH = 2
+# Backbone module fields that create_backbone sets itself, or that are Flax's.
+_NOT_OVERRIDES = ('formulations', 'parent', 'name')
+# How a file's name must end for Keras's load_weights (in the self-check) to read its format: it goes by the name.
+_KERAS_NAMES = {weight_files.KERAS3: 'in .weights.h5', weight_files.LEGACY: 'in .h5 or .hdf5, not in .weights.h5'}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  """The command line, checked: anything that would fail later exits here with status 2, naming its flag."""
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--model', required=True, choices=sorted(models.BACKBONES), help='Backbone name.')
-  parser.add_argument('--keras_weights', help='Legacy Keras .h5 weight file (include_top=False); '
-                      'default: let keras.applications download the ImageNet weights.')
+  parser.add_argument('--keras_weights', help='Keras weight file of the backbone: legacy .h5 (as keras.applications '
+                      'downloads) or Keras 3 .weights.h5; default: let keras.applications download the ImageNet '
+                      'weights.')
   parser.add_argument('--output', help='Output directory (default: ported_weights/MODEL).')
-  parser.add_argument('--overrides', default='{}', type=json.loads,
+  parser.add_argument('--overrides', default='{}', type=_json_object,
                       help='Backbone constructor overrides as JSON, e.g. \'{"num_blocks": 1}\' for --model nasnet.')
   parser.add_argument('--tolerance', type=float, default=1e-4,
                       help='Largest accepted ||flax - keras|| / ||keras|| of the self-check.')
@@ -55,13 +67,63 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--overwrite', action='store_true', help='Replace a port already in --output.')
   args = parser.parse_args(argv)
   args.output = args.output or os.path.join('ported_weights', args.model)
+  accepted = sorted(f.name for f in dataclasses.fields(models.get_spec(args.model).module)
+                    if f.init and f.name not in _NOT_OVERRIDES)
+  unknown = sorted(set(args.overrides) - set(accepted))
+  if unknown:
+    parser.error(f'argument --overrides: {args.model} takes no {", ".join(map(repr, unknown))}; '
+                 f'it takes {", ".join(accepted)}')
+  if args.keras_weights and (problem := _weights_problem(args.keras_weights)):
+    parser.error(f'argument --keras_weights: {args.keras_weights}: {problem}')
+  if problem := _output_problem(args.output, args.overwrite):
+    parser.error(f'argument --output: {args.output}: {problem}')
   return args
+
+
+def _json_object(text: str) -> dict[str, Any]:
+  """--overrides as a dict: a JSON object."""
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise argparse.ArgumentTypeError(f'not JSON ({e}): {text!r}') from None
+  if not isinstance(value, dict):
+    raise argparse.ArgumentTypeError(f'not a JSON object such as \'{{"num_blocks": 1}}\': {text!r}')
+  return value
+
+
+def _weights_problem(path: str) -> str | None:
+  """Why `path` is no weight file this script can port and check, or None."""
+  if not os.path.isfile(path):
+    return 'no such file'
+  if not h5py.is_hdf5(path):
+    return 'not an HDF5 file (a legacy Keras .h5 or a Keras 3 .weights.h5)'
+  try:
+    kind = weight_files.file_format(path)
+  except ValueError as e:
+    return str(e)
+  named_as = (weight_files.KERAS3 if path.endswith('.weights.h5')
+              else weight_files.LEGACY if path.endswith(('.h5', '.hdf5')) else None)
+  if named_as != kind:
+    return f'a {kind} file, which Keras loads only under a name ending {_KERAS_NAMES[kind]}: rename it'
+  return None
+
+
+def _output_problem(output: str, overwrite: bool) -> str | None:
+  """Why the port cannot go to `output`, or None."""
+  target = existing = os.path.abspath(output)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    return 'is a file' if existing == target else f'is inside {existing}, which is a file'
+  if existing == target and os.listdir(target) and not overwrite:
+    return 'exists and is not empty; pass --overwrite to replace the port in it'
+  return None
 
 
 def load_from_file(path: str, name: str, overrides: dict[str, Any]) -> tuple[keras.Model, port.Variables, dict]:
   """Flax variables read by layer name, and the Keras model loaded as keras.applications loads the file."""
-  variables = port.from_h5(path, name, **overrides)
   model = keras_backbone(name, weights=None, **overrides)
+  variables = port.from_h5(path, name, keras3_table=keras3_table(model), **overrides)
   model.load_weights(path)
   with open(path, 'rb') as f:
     sha256 = hashlib.file_digest(f, 'sha256').hexdigest()
@@ -106,9 +168,6 @@ def _git_commit() -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
-  if os.path.exists(args.output) and (not os.path.isdir(args.output) or os.listdir(args.output)):
-    if not args.overwrite:
-      raise SystemExit(f'error: {args.output} exists and is not empty; pass --overwrite to replace the port in it.')
   # Full float32 matmuls in both frameworks, so the check measures the port, not TF32.
   jax.config.update('jax_default_matmul_precision', 'highest')
   tf.config.experimental.enable_tensor_float_32_execution(False)

@@ -1,6 +1,7 @@
 """scripts/port_keras_weights.py end to end, in a subprocess as users run it."""
 
 import hashlib
+import importlib.util
 import json
 import os
 import socket
@@ -9,13 +10,14 @@ import sys
 from pathlib import Path
 
 import h5py
+import keras
 import pytest
 
 from covid_jax import port
 from covid_jax.port import store
 from covid_jax.port.keras_models import keras_backbone, save_legacy_h5
 from tests.keras_reference import randomize_batch_norm
-from tests.test_port import assert_same_variables
+from tests.test_port import SMALL_NASNET, assert_equals_keras_weights, assert_same_variables, save_weights
 
 SCRIPT = Path(__file__).resolve().parents[1] / 'scripts' / 'port_keras_weights.py'
 
@@ -83,3 +85,71 @@ def test_offline_download_fails_fast_and_says_what_to_do(tmp_path):
   assert result.returncode != 0
   assert '--keras_weights' in result.stderr and 'notop.h5' in result.stderr
   assert not out.exists()
+
+
+def test_ports_a_keras3_weights_file(tmp_path):
+  model = keras_backbone('nasnet', (32, 32, 3), **SMALL_NASNET)
+  randomize_batch_norm(model, seed=6)
+  out = tmp_path / 'ported'
+  result = run_script('--model', 'nasnet', '--overrides', json.dumps(SMALL_NASNET),
+                      '--keras_weights', str(save_weights(model, tmp_path, 'keras3')), '--output', str(out))
+  assert result.returncode == 0, result.stderr
+  assert_equals_keras_weights(store.load_ported(str(out), 'nasnet', **SMALL_NASNET), model)
+
+
+@pytest.fixture(scope='module')
+def script():
+  """The script as a module, to call its main in this process."""
+  spec = importlib.util.spec_from_file_location('port_keras_weights', SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+  """Files that are no weight file for --keras_weights, or that are no directory for --output."""
+  (tmp_path / 'notes.txt').write_text('not a weight file\n')
+  with h5py.File(tmp_path / 'other.h5', 'w') as f:
+    f['data'] = [0.0]
+  keras3 = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+  keras3.save_weights(tmp_path / 'dense.weights.h5')
+  (tmp_path / 'dense.weights.h5').rename(tmp_path / 'renamed.h5')
+  return tmp_path
+
+
+# argv -> phrases the error must hold; {tmp} is the bad_files folder.
+BAD_ARGS = {
+    'unknown override': (['--overrides', '{"foo": 1}'], ['--overrides', "'foo'", 'num_blocks', 'penultimate_filters']),
+    'overrides not json': (['--overrides', 'not json'], ['--overrides', 'not JSON']),
+    'overrides not an object': (['--overrides', '[1]'], ['--overrides', 'JSON object']),
+    'output a file': (['--output', '{tmp}/notes.txt'], ['--output', 'is a file']),
+    'output inside a file': (['--output', '{tmp}/notes.txt/ported'], ['--output', 'inside', 'notes.txt']),
+    'weights missing': (['--keras_weights', '{tmp}/missing.h5'], ['--keras_weights', 'no such file']),
+    'weights not hdf5': (['--keras_weights', '{tmp}/notes.txt'], ['--keras_weights', 'not an HDF5 file']),
+    'weights of neither format': (['--keras_weights', '{tmp}/other.h5'], ['--keras_weights', 'neither']),
+    'keras3 weights misnamed': (['--keras_weights', '{tmp}/renamed.h5'], ['--keras_weights', '.weights.h5']),
+}
+
+
+@pytest.mark.parametrize('case', BAD_ARGS)
+def test_a_bad_argument_fails_before_any_work(case, script, bad_files, monkeypatch, capsys):
+
+  def no_work(*args, **kwargs):
+    raise AssertionError('Keras built a model before the arguments were checked')
+
+  monkeypatch.setattr(script, 'keras_backbone', no_work)
+  argv, phrases = BAD_ARGS[case]
+  with pytest.raises(SystemExit) as exit_:
+    script.main(['--model', 'nasnet', '--output', str(bad_files / 'out'),
+                 *(arg.replace('{tmp}', str(bad_files)) for arg in argv)])
+  stderr = capsys.readouterr().err
+  assert exit_.value.code == 2 and 'error: ' in stderr, stderr
+  assert all(phrase in stderr for phrase in phrases), stderr
+  assert not (bad_files / 'out').exists()
+
+
+def test_a_bad_argument_exits_with_status_2(tmp_path):
+  result = run_script('--model', 'nasnet', '--overrides', '[1]', '--output', str(tmp_path / 'out'))
+  assert result.returncode == 2 and 'error: argument --overrides' in result.stderr, result.stderr
+  assert 'Traceback' not in result.stderr

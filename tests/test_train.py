@@ -4,14 +4,10 @@ import contextlib
 import dataclasses
 import gc
 import json
-import os
 import resource
-import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -19,52 +15,18 @@ import jax.numpy as jnp
 import keras
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 from sklearn import metrics as sk_metrics
 
-from configs import default, demo
+from configs import default
 from covid_jax import checkpoints, metrics, model_init, progress, runtime, state, steps, train
 from covid_jax.config_checks import validate_config
 from covid_jax.models import conv, depthwise, formulations
 from covid_jax.models.head import FIRST_DENSE
 from covid_jax.port import keras_models, store
 from covid_jax.port.keras_models import keras_backbone
-
-ROOT = Path(__file__).resolve().parents[1]
-# The demo's small NASNet made smaller still: the same cell code as NASNetLarge, tiny and fast.
-TINY = {
-    'model.image_size': 32,
-    'model.nasnet.penultimate_filters': 96,
-    'model.nasnet.stem_block_filters': 8,
-    'formulations.depthwise': 'grouped',  # Its gradients compile several times faster on CPU.
-    'model.head.dims': (16,),
-    'num_epochs': 3,
-    'warmup_epochs': 0,
-    'end_learning_rate': 1e-4,
-    'early_stopping.patience': 15,
-    'log_every_steps': 2,
-    'prediction_grid_size': 4,
-}
-
-
-def tiny_config(data_dir: Path, **overrides) -> ml_collections.ConfigDict:
-  config = demo.get_config()
-  config.data_dir = str(data_dir)
-  config.update_from_flattened_dict({**TINY, **overrides})
-  return config
-
-
-def _history(workdir: Path) -> list[dict]:
-  return json.loads((workdir / 'history.json').read_text())
-
-
-def _latest_params(workdir: Path) -> dict:
-  directory = workdir / 'checkpoints' / 'latest'
-  (step,) = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
-  with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(directory / str(step) / 'state')['params']
+from tests import runs
 
 
 @pytest.fixture(scope='module')
@@ -72,13 +34,13 @@ def learned_run(built_dataset, tmp_path_factory):
   data_dir, manifest = built_dataset
   workdir = tmp_path_factory.mktemp('learned')
   # At 64 px the lesions are visible enough for the tiny model to learn in a few epochs.
-  config = tiny_config(data_dir, num_epochs=10, **{'early_stopping.patience': 10, 'model.image_size': 64})
+  config = runs.tiny_config(data_dir, num_epochs=10, **{'early_stopping.patience': 10, 'model.image_size': 64})
   return workdir, train.train_and_evaluate(config, str(workdir)), manifest
 
 
 def test_training_learns_and_reports(learned_run):
   workdir, result, manifest = learned_run
-  history = _history(workdir)
+  history = runs.history(workdir)
   assert history[-1]['train_loss'] < history[0]['train_loss']
   # The process's peak host memory, against the kernel's own lifetime peak (ru_maxrss, KiB on Linux): a process
   # that imported JAX and TensorFlow holds well over 0.1 GiB, and the peak so far never falls.
@@ -98,7 +60,7 @@ def test_training_learns_and_reports(learned_run):
 
 def test_frozen_backbone_is_bit_identical(built_dataset, tmp_path):
   data_dir, _ = built_dataset
-  config = tiny_config(data_dir, num_epochs=1, freeze_backbone=True)
+  config = runs.tiny_config(data_dir, num_epochs=1, freeze_backbone=True)
   trainer = train.Trainer(config, str(tmp_path))
   variables = model_init.initial_variables(trainer.model, config)
   train_state = steps.replicate(trainer.new_state(variables, 0), trainer.mesh)
@@ -118,7 +80,7 @@ def test_fine_tune_unfreezes_trailing_layers_counted_in_keras_order(built_datase
   """The study's `layers[-N:]` counts in Keras's `model.layers` order (graph depth), not in call order."""
   data_dir, _ = built_dataset
   if name == 'nasnet':
-    config = tiny_config(data_dir)
+    config = runs.tiny_config(data_dir)
   else:
     config = default.get_config()
     config.data_dir, config.model.name, config.model.image_size = str(data_dir), name, 32
@@ -195,7 +157,7 @@ def test_train_step_is_two_programs_on_a_cpu():
 def test_config_forces_the_accelerator_formulations_on_a_cpu(built_dataset, tmp_path):
   """formulations.backend=accelerator runs the GPU/TPU choices here: the models and the step receive them."""
   data_dir, _ = built_dataset
-  trainer = train.Trainer(tiny_config(data_dir, **{'formulations.backend': 'accelerator',
+  trainer = train.Trainer(runs.tiny_config(data_dir, **{'formulations.backend': 'accelerator',
                                                    'formulations.pooling': 'reduce_window'}), str(tmp_path))
   assert trainer.formulations == dataclasses.replace(formulations.ACCELERATOR, pooling='reduce_window')
   assert trainer.model.backbone.formulations == trainer.formulations
@@ -213,9 +175,9 @@ def _ported_tiny_backbone(config: ml_collections.ConfigDict, directory: Path, la
 def test_fine_tune_takes_the_layer_order_the_port_recorded(built_dataset, tmp_path, monkeypatch):
   """With ported weights, the trailing layers are counted in port_info.json's order; Keras is not built."""
   data_dir, _ = built_dataset
-  keras_order = keras_backbone('nasnet', (32, 32, 3), **model_init.backbone_args(tiny_config(data_dir)), seed=None).layers
+  keras_order = keras_backbone('nasnet', (32, 32, 3), **model_init.backbone_args(runs.tiny_config(data_dir)), seed=None).layers
   recorded = [layer.name for layer in keras_order][::-1]  # Any order the port wrote is the one used.
-  config = tiny_config(data_dir, init_from=str(tmp_path / 'ported'), freeze_backbone=True,
+  config = runs.tiny_config(data_dir, init_from=str(tmp_path / 'ported'), freeze_backbone=True,
                        **{'fine_tune.num_epochs': 1, 'fine_tune.unfreeze_layers': 3})
   _ported_tiny_backbone(config, tmp_path / 'ported', recorded)
   monkeypatch.setattr(keras_models, 'layer_order', lambda *a, **k: pytest.fail('built the Keras model'))
@@ -246,108 +208,14 @@ def test_early_stopping_rule(values, patience, min_delta, stop_epoch, best_epoch
   assert (epoch, stopper.best_epoch) == (stop_epoch, best_epoch)
 
 
-_SPLIT_METRICS = metrics.split_metrics
-
-
-def _script_val_accuracy(monkeypatch: pytest.MonkeyPatch, values: list[float]) -> None:
-  """Each val evaluation from now on reports the next of `values` as its accuracy (replacing an earlier script)."""
-  real, script = _SPLIT_METRICS, list(values)
-
-  def scripted(outputs, smoothing, prefix):
-    scores = real(outputs, smoothing, prefix)
-    return {**scores, 'val_accuracy': script.pop(0)} if prefix == 'val' else scores
-  monkeypatch.setattr(metrics, 'split_metrics', scripted)
-
-
 def test_early_stopping_keeps_the_best_checkpoint(built_dataset, tmp_path, monkeypatch):
   data_dir, _ = built_dataset
-  _script_val_accuracy(monkeypatch, [0.50, 0.70, 0.65, 0.70, 0.60, 0.69, 0.99])
-  config = tiny_config(data_dir, num_epochs=7, **{'early_stopping.patience': 3})
+  runs.script_val_accuracy(monkeypatch, [0.50, 0.70, 0.65, 0.70, 0.60, 0.69, 0.99])
+  config = runs.tiny_config(data_dir, num_epochs=7, **{'early_stopping.patience': 3})
   result = train.train_and_evaluate(config, str(tmp_path))
-  assert [r['epoch'] for r in _history(tmp_path)] == [1, 2, 3, 4, 5]
+  assert [r['epoch'] for r in runs.history(tmp_path)] == [1, 2, 3, 4, 5]
   assert result['best_epoch'] == 2 and result['checkpoint'] == 'best'
   assert sorted(p.name for p in (tmp_path / 'checkpoints' / 'best').iterdir() if p.name.isdigit()) == ['2']
-
-
-def test_resume_after_interruption_matches_uninterrupted_run(built_dataset, tmp_path, monkeypatch):
-  data_dir, _ = built_dataset
-  config = tiny_config(data_dir, num_epochs=2)
-  whole = train.train_and_evaluate(config, str(tmp_path / 'whole'))
-
-  real_epoch = train._train_epoch
-
-  def interrupted(trainer, train_fn, train_state, epoch):
-    if epoch == 2:
-      raise KeyboardInterrupt
-    return real_epoch(trainer, train_fn, train_state, epoch)
-
-  monkeypatch.setattr(train, '_train_epoch', interrupted)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  monkeypatch.setattr(train, '_train_epoch', real_epoch)
-  resumed = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  assert [r['epoch'] for r in _history(tmp_path / 'resumed')] == [1, 2]
-  assert resumed == whole
-  same = jax.tree.map(np.array_equal, _latest_params(tmp_path / 'whole'), _latest_params(tmp_path / 'resumed'))
-  assert all(jax.tree.leaves(same))
-
-
-def test_kill_between_the_latest_and_best_saves_resumes_to_the_same_report(built_dataset, tmp_path, monkeypatch):
-  """Killed after epoch 1's latest save, before its best one: the resumed run still reports epoch 1 as best."""
-  data_dir, _ = built_dataset
-  config = tiny_config(data_dir, num_epochs=2)
-  _script_val_accuracy(monkeypatch, [0.7, 0.6])
-  whole = train.train_and_evaluate(config, str(tmp_path / 'whole'))
-  assert whole['best_epoch'] == 1
-
-  real_save = ocp.CheckpointManager.save
-
-  def killed_before_best(manager, step, *args, **kwargs):
-    if manager.directory.name == 'best':
-      raise KeyboardInterrupt
-    return real_save(manager, step, *args, **kwargs)
-
-  _script_val_accuracy(monkeypatch, [0.7])
-  monkeypatch.setattr(ocp.CheckpointManager, 'save', killed_before_best)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, str(tmp_path / 'killed'))
-  monkeypatch.setattr(ocp.CheckpointManager, 'save', real_save)
-  _script_val_accuracy(monkeypatch, [0.6])
-  assert train.train_and_evaluate(config, str(tmp_path / 'killed')) == whole
-
-
-def test_another_runs_best_checkpoint_is_refused_not_reported(built_dataset, tmp_path):
-  """With `latest/` lost, a new run once trained from scratch and reported the old run's best epoch."""
-  data_dir, _ = built_dataset
-  train.train_and_evaluate(tiny_config(data_dir, num_epochs=1), str(tmp_path))
-  shutil.rmtree(tmp_path / 'checkpoints' / 'latest')
-  before = (tmp_path / 'test_metrics.json').read_bytes()
-  with pytest.raises(ValueError, match='holds a best checkpoint but no latest one'):
-    train.train_and_evaluate(tiny_config(data_dir, num_epochs=1, seed=1), str(tmp_path))
-  assert (tmp_path / 'test_metrics.json').read_bytes() == before
-  assert json.loads((tmp_path / 'config.json').read_text())['seed'] == 0
-
-
-def test_a_save_orbax_would_skip_is_an_error(tmp_path):
-  state = {'w': np.zeros(3, np.float32)}
-  run = checkpoints.RunCheckpoints(str(tmp_path))
-  run.save(2, state, {'epoch': 2}, is_best=True)
-  run.close()
-  shutil.rmtree(tmp_path / 'checkpoints' / 'latest')
-  run = checkpoints.RunCheckpoints(str(tmp_path))
-  with pytest.raises(RuntimeError, match=r'epoch 1 was not saved: .*best holds step 2 already'):
-    run.save(1, state, {'epoch': 1}, is_best=True)
-  run.close()
-
-
-def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(built_dataset, tmp_path):
-  data_dir, _ = built_dataset
-  train.train_and_evaluate(tiny_config(data_dir, num_epochs=1), str(tmp_path))
-  good = _latest_params(tmp_path)
-  # An absurd learning rate blows the parameters up within a few steps of the resumed second epoch.
-  with pytest.raises(train.NonFiniteLossError, match=r'loss is (nan|inf|-inf) at step \d+'):
-    train.train_and_evaluate(tiny_config(data_dir, num_epochs=2, learning_rate=1e30), str(tmp_path))
-  assert all(jax.tree.leaves(jax.tree.map(np.array_equal, good, _latest_params(tmp_path))))
 
 
 def test_test_metrics_agree_with_sklearn_on_fixed_logits(built_dataset, tmp_path, monkeypatch):
@@ -365,7 +233,7 @@ def test_test_metrics_agree_with_sklearn_on_fixed_logits(built_dataset, tmp_path
     return outputs
 
   monkeypatch.setattr(steps, 'split_outputs', fixed)
-  train.train_and_evaluate(tiny_config(data_dir, num_epochs=1), str(tmp_path))
+  train.train_and_evaluate(runs.tiny_config(data_dir, num_epochs=1), str(tmp_path))
   written = json.loads((tmp_path / 'test_metrics.json').read_text())
   predicted = logits.argmax(1)
   covid_probability = np.exp(logits[:, 1]) / np.exp(logits).sum(1)
@@ -378,13 +246,6 @@ def test_test_metrics_agree_with_sklearn_on_fixed_logits(built_dataset, tmp_path
   assert written['confusion_matrix'] == sk_metrics.confusion_matrix(labels, predicted, labels=[0, 1]).tolist()
   assert written['per_class']['covid']['support'] == int(labels.sum())
   assert written['per_class']['covid']['recall'] == pytest.approx(written['recall'])
-
-
-def test_missing_init_from_says_how_to_port(built_dataset, tmp_path):
-  data_dir, _ = built_dataset
-  config = tiny_config(data_dir, init_from=str(tmp_path / 'nowhere'))
-  with pytest.raises(FileNotFoundError, match='scripts/port_keras_weights.py --model nasnet'):
-    train.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
 class _EveryInitializer(nn.Module):
@@ -434,7 +295,7 @@ def test_tracing_a_model_starts_no_full_garbage_collection(built_dataset, tmp_pa
   """The model's outline and the train step's compilation hold full collections back (covid_jax/runtime.py);
   the same functions undecorated start them under the same collector settings."""
   data_dir, _ = built_dataset
-  config = tiny_config(data_dir)
+  config = runs.tiny_config(data_dir)
   trainer = train.Trainer(config, str(tmp_path))
   variables = model_init.initial_variables(trainer.model, config, outline=trainer.outline)
   train_state = steps.replicate(trainer.new_state(variables, 0), trainer.mesh)
@@ -456,7 +317,7 @@ def test_tracing_a_model_starts_no_full_garbage_collection(built_dataset, tmp_pa
 
 
 def test_given_backbone_replaces_the_random_one_and_leaves_the_head_as_drawn(tmp_path):
-  config = tiny_config(tmp_path)
+  config = runs.tiny_config(tmp_path)
   model = model_init.create_model(config)
   drawn = model_init.initial_variables(model, config)
   ported = jax.tree.map(lambda v: v + 1.0, {col: drawn[col]['backbone'] for col in drawn})
@@ -471,61 +332,37 @@ def test_given_backbone_replaces_the_random_one_and_leaves_the_head_as_drawn(tmp
 def test_invalid_config_values_name_the_key(built_dataset, tmp_path):
   data_dir, _ = built_dataset
   with pytest.raises(ValueError, match='model.pooling'):
-    validate_config(tiny_config(data_dir, **{'model.pooling': 'mean'}))
+    validate_config(runs.tiny_config(data_dir, **{'model.pooling': 'mean'}))
   with pytest.raises(ValueError, match=r"formulations\.depthwise 'shifty': one of \('shifted', 'grouped'\)"):
-    validate_config(tiny_config(data_dir, **{'formulations.depthwise': 'shifty'}))
+    validate_config(runs.tiny_config(data_dir, **{'formulations.depthwise': 'shifty'}))
   with pytest.raises(ValueError, match=r"formulations\.backend 'gpu': one of \('auto', 'cpu', 'accelerator'\)"):
-    validate_config(tiny_config(data_dir, **{'formulations.backend': 'gpu'}))
+    validate_config(runs.tiny_config(data_dir, **{'formulations.backend': 'gpu'}))
   with pytest.raises(ValueError, match=r'model\.nasnet\..*num_blocks.* only applies to the backbones nasnet.*, not resnet50'):
-    validate_config(tiny_config(data_dir, **{'model.name': 'resnet50'}))
+    validate_config(runs.tiny_config(data_dir, **{'model.name': 'resnet50'}))
   with pytest.raises(ValueError, match=r'fine_tune\.warmup_epochs 2 must be less than fine_tune\.num_epochs 2'):
-    validate_config(tiny_config(data_dir, **{'fine_tune.num_epochs': 2, 'fine_tune.warmup_epochs': 2}))
+    validate_config(runs.tiny_config(data_dir, **{'fine_tune.num_epochs': 2, 'fine_tune.warmup_epochs': 2}))
   with pytest.raises(ValueError, match=r'config: warmup_epochs 1 must be less than num_epochs 1'):
-    validate_config(tiny_config(data_dir, num_epochs=1, warmup_epochs=1))
-
-
-def _main_args(workdir: Path, *overrides: str, devices: int = 1, env_changes: dict[str, str | None] | None = None
-               ) -> dict[str, Any]:
-  """Arguments to `subprocess` that run `python -m covid_jax.main` on the demo config; `env_changes` sets
-  (or, with None, removes) variables."""
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
-  for name, value in (env_changes or {}).items():
-    if value is None:
-      env.pop(name, None)
-    else:
-      env[name] = value
-  return {'args': [sys.executable, '-m', 'covid_jax.main', '--config=configs/demo.py', f'--workdir={workdir}',
-                   *overrides], 'cwd': ROOT, 'env': env, 'text': True}
-
-
-def _main(workdir: Path, *overrides: str, **kwargs) -> subprocess.CompletedProcess:
-  return subprocess.run(**_main_args(workdir, *overrides, **kwargs), capture_output=True)
-
-
-def test_mistyped_override_fails(tmp_path):
-  result = _main(tmp_path, '--config.num_epoch=3')
-  assert result.returncode != 0 and 'num_epoch' in result.stderr
-  assert not (tmp_path / 'checkpoints').exists()
+    validate_config(runs.tiny_config(data_dir, num_epochs=1, warmup_epochs=1))
 
 
 def test_one_and_two_devices_agree_and_steps_go_to_the_compilation_cache(built_dataset, tmp_path):
   data_dir, _ = built_dataset
-  overrides = [f'--config.data_dir={data_dir}', '--config.num_epochs=1', '--config.model.head.dropout=0.0',
-               *(f'--config.{key}={value}' for key, value in TINY.items() if key != 'num_epochs')]
+  overrides = runs.tiny_overrides(data_dir, num_epochs=1, **{'model.head.dropout': 0.0})
   cache = tmp_path / 'cache'
   # The one-device run uses its own configured cache: without the test-wide variable (which would take
   # precedence), and caching even quick compilations.
   own_cache = {'JAX_COMPILATION_CACHE_DIR': None, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
-  runs = {}  # The two runs side by side: each compiles on about one core.
+  processes = {}  # The two runs side by side: each compiles on about one core.
   for devices, extra, env_changes in ((1, [f'--config.compilation_cache_dir={cache}'], own_cache), (2, [], None)):
     with (tmp_path / f'{devices}.log').open('w') as log:
-      runs[devices] = subprocess.Popen(**_main_args(tmp_path / str(devices), *overrides, *extra, devices=devices,
-                                                    env_changes=env_changes), stdout=log, stderr=subprocess.STDOUT)
-  for devices, run in runs.items():
+      processes[devices] = subprocess.Popen(**runs.main_args(tmp_path / str(devices), *overrides, *extra,
+                                                             devices=devices, env_changes=env_changes),
+                                            stdout=log, stderr=subprocess.STDOUT)
+  for devices, run in processes.items():
     assert run.wait() == 0, (tmp_path / f'{devices}.log').read_text()[-3000:]
   for program in ('train_gradients', 'apply_update', 'eval_step'):
     assert list(cache.glob(f'jit_{program}-*')), program
-  one, two = (_history(tmp_path / str(d)) for d in (1, 2))
+  one, two = (runs.history(tmp_path / str(d)) for d in (1, 2))
   for a, b in zip(one, two):
     for key in ('train_loss', 'val_loss', 'val_accuracy'):
       assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key

@@ -3,12 +3,12 @@
 from collections.abc import Mapping
 from typing import Any
 
-import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from covid_jax import models
+from covid_jax.port import weight_files
 from covid_jax.port.convert import layer_variables, short_weight_name
 
 # Any legal input size: the backbones' variable shapes do not depend on it.
@@ -31,17 +31,22 @@ def from_keras(keras_model: Any, name: str, **overrides: Any) -> Variables:
   return _assemble(layers, name, overrides, source=f'Keras model {keras_model.name!r}')
 
 
-def from_h5(path: str, name: str, **overrides: Any) -> Variables:
-  """Like `from_keras`, from a legacy Keras `.h5` weight file (as keras.applications downloads)."""
-  layers = {}
-  with h5py.File(path, 'r') as f:
-    root = f['model_weights'] if 'model_weights' in f else f
-    for layer_name in root.attrs['layer_names']:
-      layer_name = _text(layer_name)
-      group = root[layer_name]
-      weight_names = [_text(w) for w in group.attrs.get('weight_names', [])]
-      if weight_names:
-        layers[layer_name] = {short_weight_name(w): np.asarray(group[w]) for w in weight_names}
+def from_h5(path: str, name: str, keras3_table: weight_files.Keras3Table | None = None,
+            **overrides: Any) -> Variables:
+  """Like `from_keras`, from a legacy Keras `.h5` (as keras.applications downloads) or a Keras 3 `.weights.h5`.
+
+  The format comes from the file's structure. A legacy file names each weight; a Keras 3 file stores
+  them unnamed, in groups that Keras maps to layers by class and position, which `keras3_table`
+  (`keras_models.keras3_table` of the Keras model) resolves. None builds the keras.applications model
+  to get it (importing Keras); pass it where that model is at hand.
+  """
+  if weight_files.file_format(path) == weight_files.LEGACY:
+    layers = weight_files.read_legacy(path)
+  else:
+    if keras3_table is None:
+      from covid_jax.port import keras_models  # Imports Keras, which only this format needs.
+      keras3_table = keras_models.keras3_table(keras_models.keras_backbone(name, seed=None, **overrides))
+    layers = weight_files.read_keras3(path, keras3_table, skip=models.get_spec(name).keras_top_layers)
   return _assemble(layers, name, overrides, source=f'file {path}')
 
 
@@ -84,6 +89,3 @@ def check_matches(got: Variables, want: Variables, source: str) -> None:
     shown = '\n  '.join(problems[:20]) + (f'\n  ... and {len(problems) - 20} more' if len(problems) > 20 else '')
     raise ValueError(f'{source} does not match the Flax backbone:\n  {shown}')
 
-
-def _text(value: Any) -> str:
-  return value.decode('utf8') if isinstance(value, bytes) else str(value)

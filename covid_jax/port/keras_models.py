@@ -5,6 +5,7 @@ all three compare against the same Keras model. Importing this module imports
 Keras (and its backend); the rest of covid_jax.port does not.
 """
 
+import collections
 import importlib
 from types import ModuleType
 from typing import Any
@@ -12,8 +13,10 @@ from typing import Any
 import h5py
 import keras
 from keras.src.legacy.saving import legacy_h5_format
+from keras.src.utils import naming
 
 from covid_jax import models
+from covid_jax.port.convert import short_weight_name
 
 
 def keras_backbone(name: str, input_shape: tuple[int, int, int] | None = None, weights: str | None = None,
@@ -47,6 +50,21 @@ def layer_order(name: str, input_shape: tuple[int, int, int] | None = None, **ov
   with random weights, without touching the global random seed.
   """
   return [layer.name for layer in keras_backbone(name, input_shape, seed=None, **overrides).layers]
+
+
+def keras3_table(model: keras.Model) -> dict[str, tuple[str, list[str]]]:
+  """Where a Keras 3 `.weights.h5` holds each layer of `model`: group -> (layer name, short weight names in order).
+
+  Mirrors Keras's saving_lib, which stores `model.layers` by class in snake case, numbered `_1`, `_2`, ...
+  from a class's second layer on, and each layer's variables in `layer.weights` order.
+  """
+  table, seen = {}, collections.Counter()
+  for layer in model.layers:
+    kind = naming.to_snake_case(type(layer).__name__)
+    group = f'{kind}_{seen[kind]}' if seen[kind] else kind
+    table[group] = (layer.name, [short_weight_name(w.name) for w in layer.weights])
+    seen[kind] += 1
+  return table
 
 
 def save_legacy_h5(model: keras.Model, path: str) -> None:

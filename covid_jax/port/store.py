@@ -19,6 +19,10 @@ VARIABLES_DIR = 'variables'
 INFO_FILE = 'port_info.json'
 
 
+class PortedWeightsError(ValueError):
+  """A ported-weights directory that cannot be read; the message names the file and how to port again."""
+
+
 def save_ported(directory: str, variables: port.Variables, info: dict[str, Any]) -> None:
   """Writes `variables` under `directory`/variables and `info` to `directory`/port_info.json.
 
@@ -37,21 +41,35 @@ def load_ported(directory: str, name: str, **overrides: Any) -> port.Variables:
   """Restores the variables `save_ported` wrote for backbone `name` (with constructor `overrides`).
 
   Raises FileNotFoundError (saying how to port) if there is no checkpoint, and
-  ValueError naming every missing, extra or mis-shaped leaf.
+  ValueError naming every missing, extra or mis-shaped leaf, or what makes the checkpoint unreadable.
   """
   path = os.path.join(os.path.abspath(directory), VARIABLES_DIR)
+  how_to_port = f'python scripts/port_keras_weights.py --model {name} --output {directory}'
   if not os.path.isdir(path):
-    raise FileNotFoundError(
-        f'No ported {name} weights at {path}. Port them first with: '
-        f'python scripts/port_keras_weights.py --model {name} --output {directory}')
+    raise FileNotFoundError(f'No ported {name} weights at {path}. Port them first with: {how_to_port}')
   want = port.expected_shapes(name, **overrides)
   with ocp.StandardCheckpointer() as checkpointer:
-    stored = checkpointer.metadata(path).item_metadata.tree
-    port.check_matches(stored, want, source=f'ported checkpoint {path}')
+    try:
+      metadata = checkpointer.metadata(path).item_metadata
+    except Exception as e:  # Orbax raises many types for a folder that is not its checkpoint.
+      metadata, reason = None, f'{type(e).__name__}: {e}'
+    else:
+      reason = 'no Orbax checkpoint metadata'
+    if metadata is None:
+      raise PortedWeightsError(f'{path} is not a checkpoint of ported weights ({reason}). Port them again with: '
+                       f'{how_to_port}')
+    port.check_matches(metadata.tree, want, source=f'ported checkpoint {path}')
     return checkpointer.restore(path, want)
 
 
 def load_layer_order(directory: str) -> list[str] | None:
   """The Keras `model.layers` names `port_info.json` in `directory` records, or None if it predates them."""
-  with open(os.path.join(os.path.abspath(directory), INFO_FILE)) as f:
-    return json.load(f).get('layer_order')
+  path = os.path.join(os.path.abspath(directory), INFO_FILE)
+  try:
+    with open(path) as f:
+      info = json.load(f)
+    if not isinstance(info, dict):
+      raise ValueError(f'holds a {type(info).__name__}, not an object')
+  except (OSError, UnicodeDecodeError, ValueError) as e:  # json.JSONDecodeError is a ValueError.
+    raise PortedWeightsError(f'{path} cannot be read as the port\'s record ({e}); port the weights again') from None
+  return info.get('layer_order')
