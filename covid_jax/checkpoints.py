@@ -51,6 +51,10 @@ class CorruptCheckpointError(RuntimeError):
   """A checkpoint that cannot be read; the message names it, the file and the way on."""
 
 
+class OlderCheckpointError(RuntimeError):
+  """A checkpoint written before checkpoints held the run's record: not resumable with a check."""
+
+
 class RunCheckpoints:
   """Saves and restores (state, progress) pairs keyed by completed epoch: 'latest' and 'best'.
 
@@ -118,6 +122,11 @@ class RunCheckpoints:
     step = self.step(which)
     if step is None:
       return None
+    folder = os.path.join(self.root, which, str(step))
+    if not os.path.isdir(os.path.join(folder, RUN)):
+      raise OlderCheckpointError(f'checkpoint {folder} predates the run record that each checkpoint now holds '
+                                 '(config and data digest), so whether this run may resume it cannot be checked: '
+                                 'give this run another --workdir')
     return self._read(which, step, {PROGRESS: ocp.args.JsonRestore(), RUN: ocp.args.JsonRestore()})
 
   def progress(self, which: str) -> dict[str, Any] | None:

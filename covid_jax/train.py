@@ -33,8 +33,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # Errors whose message says all a user needs (what is wrong, which key or file, what to do): printed alone.
-USER_ERRORS = (ConfigError, workdir_checks.WorkdirError, checkpoints.CorruptCheckpointError, NonFiniteLossError,
-               store.PortedWeightsError, FileNotFoundError)
+USER_ERRORS = (ConfigError, workdir_checks.WorkdirError, checkpoints.CorruptCheckpointError,
+               checkpoints.OlderCheckpointError, NonFiniteLossError, store.PortedWeightsError, FileNotFoundError)
 
 
 class Trainer:

@@ -25,27 +25,27 @@ from absl import app, flags, logging
 from tqdm import tqdm
 
 from covid_jax import runtime
-from data_prep import duplicates, images, patients, split
+from data_prep import bounded, duplicates, images, patients, split
+from data_prep.scan import BuildError, scan
 
 with runtime.quiet_tensorflow_import():  # TensorFlow's native INFO lines on import.
   import tensorflow_datasets as tfds
   from data_prep.tfds_builder import CLASS_NAMES, VERSION, CovidXray
 
-_SYSTEM_FILES = {'thumbs.db', 'desktop.ini', '.ds_store'}
-_SYSTEM_DIRS = {'__macosx'}
-
-
-class BuildError(Exception):
-  """A problem with the input that stops the build; the message names the file or folder."""
-
 
 def parse_label_map(text: str) -> dict[str, int]:
-  """'NORMAL=0,COVID=1' -> {'NORMAL': 0, 'COVID': 1}; labels must be 0 and 1."""
+  """'NORMAL=0,COVID=1' -> {'NORMAL': 0, 'COVID': 1}: each a folder directly inside the source, named once."""
   mapping = {}
   for item in filter(None, (part.strip() for part in text.split(','))):
     folder, _, label = item.partition('=')
-    if not folder or label not in ('0', '1'):
+    if not folder:
+      raise BuildError(f'--label_map entry {item!r} has an empty folder name')
+    if label not in ('0', '1'):
       raise BuildError(f'--label_map entry {item!r} is not FOLDER=0 or FOLDER=1')
+    if '/' in folder or folder.startswith('.'):
+      raise BuildError(f'--label_map folder {folder!r} must be a folder directly inside --source_dir, not hidden')
+    if folder in mapping:
+      raise BuildError(f'--label_map names folder {folder!r} twice')
     mapping[folder] = int(label)
   if set(mapping.values()) != {0, 1}:
     raise BuildError(f'--label_map {text!r} must map at least one folder to each of 0 and 1')
@@ -58,70 +58,64 @@ def parse_fractions(text: str) -> dict[str, float]:
     values = np.array([float(v) for v in text.split(',')])
   except ValueError:
     raise BuildError(f'--split {text!r} is not three comma-separated numbers') from None
-  if len(values) != 3 or np.any(values < 0) or values.sum() <= 0:
-    raise BuildError(f'--split {text!r} needs three non-negative numbers for train,val,test')
-  return dict(zip(split.SPLITS, (values / values.sum()).round(6).tolist()))
+  if len(values) != 3 or not np.all(np.isfinite(values)) or np.any(values < 0) or values.sum() <= 0:
+    raise BuildError(f'--split {text!r} needs three positive finite numbers for train,val,test')
+  fractions = dict(zip(split.SPLITS, (values / values.sum()).round(6).tolist()))
+  empty = [name for name, fraction in fractions.items() if not fraction]
+  if empty:  # The trainer needs all three.
+    raise BuildError(f'--split {text!r} leaves {" and ".join(empty)} empty')
+  return fractions
 
 
-def scan(source_dir: Path, label_map: Mapping[str, int]) -> tuple[list[tuple[str, int]], list[dict]]:
-  """Sorted (relative path, label) candidates, and rejections for everything else under source_dir."""
-  if not source_dir.is_dir():
-    raise BuildError(f'source directory {source_dir} does not exist')
-  candidates, rejected = [], []
-  files_per_folder = collections.Counter()
-  for path in sorted(p for p in source_dir.rglob('*') if p.is_file() or p.is_symlink()):
-    rel = path.relative_to(source_dir).as_posix()
-    parts = rel.split('/')
-    if any(p.startswith('.') or p.lower() in _SYSTEM_DIRS for p in parts) or parts[-1].lower() in _SYSTEM_FILES:
-      rejected.append({'path': rel, 'reason': 'hidden or system file'})
-    elif len(parts) < 2 or parts[0] not in label_map:
-      rejected.append({'path': rel, 'reason': f'not inside a class folder ({", ".join(sorted(label_map))})'})
-    elif path.suffix.lower() not in images.IMAGE_EXTENSIONS:
-      files_per_folder[parts[0]] += 1
-      rejected.append({'path': rel, 'reason': f'not an image file extension ({path.suffix or "none"})'})
-    else:
-      files_per_folder[parts[0]] += 1
-      candidates.append((rel, label_map[parts[0]]))
-  for folder in label_map:
-    if not (source_dir / folder).is_dir():
-      raise BuildError(f'class folder {source_dir / folder} is missing (expected folders: {", ".join(label_map)})')
-    if not files_per_folder[folder]:
-      raise BuildError(f'class folder {source_dir / folder} is empty')
-  return candidates, rejected
+def _load(source_dir: Path, rel: str, image_size: int, keep_aspect: bool, max_pixels: int, budget: bounded.PixelBudget,
+          spool: bounded.Spool) -> tuple[tuple[images.Fingerprint, str] | None, str | None]:
+  """One file -> ((fingerprint, spooled PNG path), None), or (None, the reason it is rejected).
 
-
-def _load(source_dir: Path, rel: str, image_size: int, keep_aspect: bool,
-          max_pixels: int) -> tuple[images.Decoded | None, str | None]:
+  Decodes within the budget: the file's pixels (a larger file than max_pixels is rejected unread) and the stored ones.
+  """
   try:
-    decoded = images.analyse((source_dir / rel).read_bytes(), max_pixels)
-  except images.Rejected as e:
-    return None, str(e)
+    data = (source_dir / rel).read_bytes()
   except OSError as e:
     return None, f'unreadable: {e.strerror or e}'
-  decoded.pixels = images.resize_for_storage(decoded.pixels, image_size, keep_aspect)
-  return decoded, None
+  try:
+    with budget.reserve(min(images.header_pixels(data), max_pixels) + image_size ** 2):
+      fingerprint, png = images.prepare(data, image_size, keep_aspect, max_pixels)
+  except images.Rejected as e:
+    return None, str(e)
+  return (fingerprint, spool.put(png)), None
 
 
 def plan(source_dir: Path, label_map: Mapping[str, int], fractions: Mapping[str, float], seed: int,
          image_size: int, keep_aspect: bool = False, max_pixels: int = images.DEFAULT_MAX_PIXELS,
          near_threshold: int = duplicates.DEFAULT_NEAR_THRESHOLD, workers: int | None = None,
-         progress: bool = True) -> tuple[dict[str, Any], dict[str, list[dict]]]:
-  """Reads, audits and splits the source folder: (manifest, examples to write per split)."""
+         progress: bool = True) -> tuple[dict[str, Any], bounded.Spool]:
+  """Reads, audits and splits the source folder: (manifest, examples to write per split).
+
+  The examples' images wait resized as PNG files in the returned spool, which `write` removes (so does its garbage
+  collection). Decodes run at most 2 x max_pixels pixels (source and stored) at once, however many the workers.
+  """
   candidates, rejected = scan(source_dir, label_map)
-  workers = workers or min(8, os.cpu_count() or 1)
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    loaded = list(tqdm(pool.map(lambda c: _load(source_dir, c[0], image_size, keep_aspect, max_pixels), candidates),
-                       total=len(candidates), desc='decoding', unit='img', disable=not progress, file=sys.stdout))
-  kept, decoded = [], []
-  for (rel, label), (image, reason) in zip(candidates, loaded):
-    if image is None:
-      rejected.append({'path': rel, 'reason': reason})
-    else:
-      kept.append((rel, label))
-      decoded.append(image)
-  for folder, label in label_map.items():
-    if not any(rel.split('/')[0] == folder for rel, _ in kept):
-      raise BuildError(f'class folder {source_dir / folder} has no usable image (all rejected)')
+  to_write = bounded.Spool(fractions)
+  budget = bounded.PixelBudget(2 * max_pixels)
+  try:
+    with concurrent.futures.ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+      loaded = list(tqdm(pool.map(lambda c: _load(source_dir, c[0], image_size, keep_aspect, max_pixels, budget,
+                                                  to_write), candidates),
+                         total=len(candidates), desc='decoding', unit='img', disable=not progress, file=sys.stdout))
+    kept, decoded, pngs = [], [], []
+    for (rel, label), (stored, reason) in zip(candidates, loaded):
+      if stored is None:
+        rejected.append({'path': rel, 'reason': reason})
+      else:
+        kept.append((rel, label))
+        decoded.append(stored[0])
+        pngs.append(stored[1])
+    for folder, label in label_map.items():
+      if not any(rel.split('/')[0] == folder for rel, _ in kept):
+        raise BuildError(f'class folder {source_dir / folder} has no usable image (all rejected)')
+  except BaseException:
+    to_write.close()
+    raise
 
   warnings = []
   ids = [patients.patient_id(rel) for rel, _ in kept]
@@ -149,9 +143,8 @@ def plan(source_dir: Path, label_map: Mapping[str, int], fractions: Mapping[str,
 
   examples = [{'path': rel, 'label': label, 'split': s, 'patient_id': pid, 'sha256': d.file_sha256}
               for (rel, label), s, pid, d in zip(kept, splits, ids, decoded)]
-  to_write = {name: [] for name in fractions}
-  for example, d in zip(examples, decoded):
-    to_write[example['split']].append({**example, 'pixels': d.pixels})
+  for example, png in zip(examples, pngs):
+    to_write[example['split']].append({**example, 'png': png})
   manifest = {
       'seed': seed,
       'split_fractions': dict(fractions),
@@ -171,20 +164,20 @@ def plan(source_dir: Path, label_map: Mapping[str, int], fractions: Mapping[str,
 
 
 def _provenance_warnings(kept: Sequence[tuple[str, int]]) -> list[str]:
-  """Says so when file names reveal the Kermany/Mooney paediatric pneumonia set."""
-  covid = [rel for rel, label in kept if label == 1]
-  normal = [rel for rel, label in kept if label == 0]
-  pneumonia_named = sum(patients.is_paediatric_pneumonia_name(rel) for rel in covid)
-  normal_named = sum(patients.is_paediatric_normal_name(rel) for rel in normal)
+  """Says so when file names reveal the Kermany/Mooney paediatric set, in either class: a swapped map hides nothing."""
+  sets = (('pneumonia set (personN_bacteria_M / personN_virus_M)', patients.is_paediatric_pneumonia_name,
+           {1: ': this class is most likely paediatric bacterial/viral pneumonia, not COVID-19. Results measure '
+               'pneumonia-vs-normal, not COVID detection.',
+            0: ': pneumonia labelled non-COVID; is --label_map swapped?'}),
+          ('NORMAL set (IM-NNNN-NNNN / NORMAL2-IM-NNNN-NNNN)', patients.is_paediatric_normal_name,
+           {1: ': normal radiographs labelled COVID; is --label_map swapped?', 0: '.'}))
   warnings = []
-  if pneumonia_named:
-    warnings.append(
-        f'provenance: {pneumonia_named} of {len(covid)} COVID-class (label 1) files are named like the Kermany/Mooney '
-        'paediatric pneumonia set (personN_bacteria_M / personN_virus_M): this class is most likely paediatric '
-        'bacterial/viral pneumonia, not COVID-19. Results measure pneumonia-vs-normal, not COVID detection.')
-  if normal_named:
-    warnings.append(f'provenance: {normal_named} of {len(normal)} non-COVID (label 0) files are named like the '
-                    'Kermany/Mooney paediatric NORMAL set (IM-NNNN-NNNN / NORMAL2-IM-NNNN-NNNN).')
+  for label, class_name in ((1, 'COVID-class (label 1)'), (0, 'non-COVID (label 0)')):
+    files = [rel for rel, file_label in kept if file_label == label]
+    for name, matches, verdict in sets:
+      if named := sum(map(matches, files)):
+        warnings.append(f'provenance: {named} of {len(files)} {class_name} files are named like the Kermany/Mooney '
+                        f'paediatric {name}{verdict[label]}')
   return warnings
 
 
@@ -210,29 +203,33 @@ def check_output_dir(data_dir: Path, overwrite: bool, source_dir: Path | None = 
                        'replaces only a build; choose another --data_dir or empty it yourself')
 
 
-def write(manifest: Mapping[str, Any], to_write: Mapping[str, list[dict]], data_dir: Path, overwrite: bool) -> None:
-  """Writes the TFDS dataset and manifest.json into a temporary sibling, then renames it to data_dir."""
-  check_output_dir(data_dir, overwrite)
-  data_dir = data_dir.absolute()
-  data_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = data_dir.parent / f'.{data_dir.name}.incomplete-{os.getpid()}'
-  shutil.rmtree(tmp, ignore_errors=True)
-  try:
-    _quiet_tfds()
-    builder = CovidXray(examples=to_write, data_dir=str(tmp))
-    with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints where it writes the temporary folder.
-      builder.download_and_prepare(download_dir=str(tmp / '.downloads'), download_config=_download_config())
-    shutil.rmtree(tmp / '.downloads', ignore_errors=True)
-    (tmp / 'manifest.json').write_text(json.dumps(manifest, indent=1) + '\n')
-    if data_dir.exists():
-      old = data_dir.parent / f'.{data_dir.name}.replaced-{os.getpid()}'
-      data_dir.rename(old)
-      tmp.rename(data_dir)
-      shutil.rmtree(old)
-    else:
-      tmp.rename(data_dir)
-  finally:
+def write(manifest: Mapping[str, Any], to_write: bounded.Spool, data_dir: Path, overwrite: bool) -> None:
+  """Writes the TFDS dataset and manifest.json into a temporary sibling, then renames it to data_dir.
+
+  Removes the spool of `to_write` (the plan's resized images) however it ends.
+  """
+  with contextlib.closing(to_write):
+    check_output_dir(data_dir, overwrite)
+    data_dir = data_dir.absolute()
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = data_dir.parent / f'.{data_dir.name}.incomplete-{os.getpid()}'
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+      _quiet_tfds()
+      builder = CovidXray(examples=to_write, data_dir=str(tmp))
+      with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints where it writes the temporary folder.
+        builder.download_and_prepare(download_dir=str(tmp / '.downloads'), download_config=_download_config())
+      shutil.rmtree(tmp / '.downloads', ignore_errors=True)
+      (tmp / 'manifest.json').write_text(json.dumps(manifest, indent=1) + '\n')
+      if data_dir.exists():
+        old = data_dir.parent / f'.{data_dir.name}.replaced-{os.getpid()}'
+        data_dir.rename(old)
+        tmp.rename(data_dir)
+        shutil.rmtree(old)
+      else:
+        tmp.rename(data_dir)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _download_config() -> tfds.download.DownloadConfig:
@@ -269,14 +266,14 @@ def define_flags() -> None:
   flags.DEFINE_string('source_dir', None, 'Folder with one sub-folder per class (Kaggle: DATA/DATA with 0/ and 1/).')
   flags.DEFINE_string('data_dir', None, 'Output folder for the TFRecord splits and manifest.json.')
   flags.DEFINE_integer('seed', 0, 'Seed of the split.')
-  flags.DEFINE_integer('image_size', 224, 'Stored images are image_size x image_size.')
+  flags.DEFINE_integer('image_size', 224, 'Stored images are image_size x image_size (at least 32).')
   flags.DEFINE_bool('keep_aspect', False, 'Pad to square instead of stretching (the study stretched).')
   flags.DEFINE_string('split', '64,16,20', 'train,val,test proportions.')
   flags.DEFINE_string('label_map', '0=0,1=1', 'Class folder -> label (0 non-COVID, 1 COVID), e.g. NORMAL=0,COVID=1.')
   flags.DEFINE_integer('max_pixels', images.DEFAULT_MAX_PIXELS, 'Larger images are rejected as decompression bombs.')
   flags.DEFINE_integer('near_duplicate_threshold', duplicates.DEFAULT_NEAR_THRESHOLD,
                        'Max Hamming distance between 256-bit perceptual hashes of near duplicates.')
-  flags.DEFINE_bool('strict', False, 'Exit non-zero (writing nothing) if any file is rejected.')
+  flags.DEFINE_bool('strict', False, 'Exit non-zero (writing nothing) if any file or folder is rejected.')
   flags.DEFINE_bool('overwrite', False, 'Replace an existing data_dir.')
   flags.mark_flags_as_required(['source_dir', 'data_dir'])
 
@@ -285,15 +282,20 @@ def main(argv: Sequence[str]) -> int:
   del argv
   try:
     check_output_dir(Path(FLAGS.data_dir), FLAGS.overwrite, Path(FLAGS.source_dir))
-    manifest, to_write = plan(Path(FLAGS.source_dir), parse_label_map(FLAGS.label_map), parse_fractions(FLAGS.split),
-                              FLAGS.seed, FLAGS.image_size, FLAGS.keep_aspect, FLAGS.max_pixels,
-                              FLAGS.near_duplicate_threshold)
+    label_map, fractions = parse_label_map(FLAGS.label_map), parse_fractions(FLAGS.split)
+    # Below MIN_SIDE a stored image keeps no usable detail; below MIN_SIDE**2 pixels every image is a "bomb".
+    for name, least in (('image_size', images.MIN_SIDE), ('max_pixels', images.MIN_SIDE ** 2),
+                        ('near_duplicate_threshold', 0), ('seed', 0)):
+      if FLAGS[name].value < least:
+        raise BuildError(f'--{name} is {FLAGS[name].value}; it must be at least {least}')
+    manifest, to_write = plan(Path(FLAGS.source_dir), label_map, fractions, FLAGS.seed, FLAGS.image_size,
+                              FLAGS.keep_aspect, FLAGS.max_pixels, FLAGS.near_duplicate_threshold)
     for warning in manifest['warnings']:
       print(f'WARNING: {warning}')
     if FLAGS.strict and manifest['rejected']:
       for r in manifest['rejected']:
         print(f'rejected: {r["path"]}: {r["reason"]}', file=sys.stderr)
-      raise BuildError(f'--strict: {len(manifest["rejected"])} files rejected; nothing written')
+      raise BuildError(f'--strict: {len(manifest["rejected"])} files or folders rejected; nothing written')
     write(manifest, to_write, Path(FLAGS.data_dir), FLAGS.overwrite)
   except BuildError as e:
     print(f'error: {e}', file=sys.stderr)

@@ -1,7 +1,8 @@
-"""Robust decoding of one source file into pixels, or a reason it cannot be used.
+"""Robust decoding of one source file into what the build keeps of it, or a reason it cannot be used.
 
 Every failure becomes a `Rejected` with a human-readable reason, so the build can
-account for every file instead of silently dropping some.
+account for every file instead of silently dropping some. The build keeps only an
+image's fingerprints and its resized PNG, so no full-size pixels outlive a decode.
 """
 
 import dataclasses
@@ -17,6 +18,7 @@ IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png')
 ACCEPTED_FORMATS = ('JPEG', 'PNG')
 MIN_SIDE = 32
 DEFAULT_MAX_PIXELS = 50_000_000  # Far above any radiograph; below what exhausts memory.
+_ROWS = 256  # Rows that `resize_for_storage` rounds at once.
 
 # Truncated files must fail, not decode as grey padding.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -27,13 +29,23 @@ class Rejected(Exception):
 
 
 @dataclasses.dataclass
-class Decoded:
-  """A decoded image: uint8 (H, W) for grayscale or (H, W, 3) for colour, plus its fingerprints."""
+class Fingerprint:
+  """What duplicate detection and the manifest need of an image's file and decoded pixels."""
 
-  pixels: np.ndarray
   file_sha256: str
   pixel_sha256: str
   perceptual_hash: np.ndarray  # Packed bits, see `perceptual_hash`.
+
+
+def header_pixels(data: bytes) -> int:
+  """Width x height as the file's header states it, read without decoding; 0 if it has no readable header."""
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # `decode` rejects bombs, with the reason.
+      with Image.open(io.BytesIO(data)) as image:
+        return image.width * image.height
+  except (Image.DecompressionBombError, OSError, SyntaxError, ValueError):
+    return 0
 
 
 def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -82,7 +94,7 @@ def _to_uint8(image: Image.Image) -> np.ndarray:
     background = Image.new('RGBA', rgba.size, (0, 0, 0, 255))
     image = Image.alpha_composite(background, rgba)
   if image.mode in ('L', '1'):
-    return np.asarray(image.convert('L'))
+    return np.asarray(image if image.mode == 'L' else image.convert('L'))
   rgb = np.asarray(image.convert('RGB'))
   if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
     return np.ascontiguousarray(rgb[..., 0])
@@ -91,19 +103,26 @@ def _to_uint8(image: Image.Image) -> np.ndarray:
 
 def perceptual_hash(pixels: np.ndarray, hash_size: int = 16) -> np.ndarray:
   """DCT hash (pHash) with hash_size**2 bits, packed: robust to re-encoding and slight resizing."""
-  gray = pixels if pixels.ndim == 2 else pixels.mean(axis=-1)
-  small = np.asarray(Image.fromarray(gray.astype(np.uint8)).resize((4 * hash_size,) * 2, Image.Resampling.BOX),
+  # The channels' mean, truncated as a float mean's astype(uint8) does, without a float copy of the image.
+  gray = pixels if pixels.ndim == 2 else (pixels.sum(axis=-1, dtype=np.uint16) // 3).astype(np.uint8)
+  small = np.asarray(Image.fromarray(gray).resize((4 * hash_size,) * 2, Image.Resampling.BOX),
                      np.float64)
   low = scipy.fft.dctn(small, norm='ortho')[:hash_size, :hash_size].ravel()
   bits = low[1:] > np.median(low[1:])  # Skip the DC term: it only encodes brightness.
   return np.packbits(np.concatenate([[False], bits]))
 
 
-def analyse(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
-  """Decodes and fingerprints one file (Rejected if unusable)."""
+def prepare(data: bytes, size: int, keep_aspect: bool = False,
+            max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Fingerprint, bytes]:
+  """Decodes one file (Rejected if unusable): its fingerprint, and its PNG resized for storage.
+
+  Returns no pixels: the full-size image is freed on return, and the PNG is lossless.
+  """
   pixels = decode(data, max_pixels)
-  pixel_digest = hashlib.sha256(str(pixels.shape).encode() + pixels.tobytes()).hexdigest()
-  return Decoded(pixels, hashlib.sha256(data).hexdigest(), pixel_digest, perceptual_hash(pixels))
+  pixel_digest = hashlib.sha256(str(pixels.shape).encode())
+  pixel_digest.update(pixels)  # The array's own buffer (decode's arrays are C-contiguous): no copy.
+  fingerprint = Fingerprint(hashlib.sha256(data).hexdigest(), pixel_digest.hexdigest(), perceptual_hash(pixels))
+  return fingerprint, encode_png(resize_for_storage(pixels, size, keep_aspect))
 
 
 def resize_for_storage(pixels: np.ndarray, size: int, keep_aspect: bool = False) -> np.ndarray:
@@ -119,4 +138,15 @@ def resize_for_storage(pixels: np.ndarray, size: int, keep_aspect: bool = False)
     resized = tf.image.resize_with_pad(image, size, size, antialias=True)
   else:
     resized = tf.image.resize(image, (size, size), antialias=True)
-  return np.clip(np.round(resized.numpy()), 0, 255).astype(np.uint8)
+  values = np.asarray(memoryview(resized))  # TensorFlow's float32 output, read-only and not copied.
+  stored = np.empty(values.shape, np.uint8)
+  for start in range(0, size, _ROWS):  # A block of rows at a time, so no float copy of the whole image exists.
+    stored[start:start + _ROWS] = np.clip(np.round(values[start:start + _ROWS]), 0, 255)
+  return stored
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+  """uint8 (H, W, 1) or (H, W, 3) -> PNG bytes (lossless, so the stored pixels are exact)."""
+  buffer = io.BytesIO()
+  Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buffer, format='PNG')
+  return buffer.getvalue()

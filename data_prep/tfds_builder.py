@@ -4,17 +4,16 @@ TFDS's builder gives us sharded TFRecords, per-split example counts, a
 dataset_info.json and per-process reading (`tfds.split_for_jax_process`). Images
 are stored as PNG bytes in a plain string feature rather than `tfds.features.Image`
 because that feature fixes one channel count per dataset, while we keep grayscale
-images one channel and colour images three.
+images one channel and colour images three. The build has already encoded them
+(`images.prepare`) into PNG files, which are read one at a time as they are written.
 """
 
-import io
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from PIL import Image
 
 CLASS_NAMES = ('non_covid', 'covid')  # Label 0, label 1 (the positive class).
 VERSION = '1.0.0'
@@ -31,7 +30,7 @@ class CovidXray(tfds.core.GeneratorBasedBuilder):
   """
 
   def __init__(self, *, examples: Mapping[str, Sequence[Mapping[str, Any]]] = (), **kwargs: Any):
-    """`examples[split]` is a list of dicts with pixels (uint8 HxWxC), label, patient_id, path."""
+    """`examples[split]` is a list of dicts with png (a PNG file's path), label, patient_id, path."""
     self._examples = examples
     super().__init__(**kwargs)
 
@@ -54,15 +53,8 @@ class CovidXray(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, examples: Sequence[Mapping[str, Any]]) -> Iterator[tuple[str, dict]]:
     for example in examples:
       yield example['path'], {
-          'image': encode_png(example['pixels']),
+          'image': Path(example['png']).read_bytes(),
           'label': example['label'],
           'patient_id': example['patient_id'],
           'path': example['path'],
       }
-
-
-def encode_png(pixels: np.ndarray) -> bytes:
-  """uint8 (H, W, 1) or (H, W, 3) -> PNG bytes (lossless, so the stored pixels are exact)."""
-  buffer = io.BytesIO()
-  Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buffer, format='PNG')
-  return buffer.getvalue()

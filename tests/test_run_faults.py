@@ -282,3 +282,11 @@ def test_mistyped_override_fails(tmp_path):
   result = runs.run_main(tmp_path, '--config.num_epoch=3')
   assert result.returncode != 0 and 'num_epoch' in result.stderr
   assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_a_checkpoint_from_before_run_records_is_refused_not_resumed(built_dataset, one_epoch_run, tmp_path):
+  data_dir, _ = built_dataset
+  workdir = _copy(one_epoch_run, tmp_path / 'run')
+  shutil.rmtree(workdir / 'checkpoints' / 'latest' / '1' / checkpoints.RUN)
+  with pytest.raises(checkpoints.OlderCheckpointError, match='latest/1 predates the run record'):
+    train.train_and_evaluate(runs.tiny_config(data_dir, num_epochs=1), str(workdir))
