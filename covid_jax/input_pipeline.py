@@ -15,6 +15,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,13 +37,42 @@ def data_mesh() -> Mesh:
   return jax.make_mesh((jax.device_count(),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
+# The feature classes data_prep's builder writes into features.json. TFDS imports whatever class that file
+# names, so a build is read only if it names these.
+FEATURE_CLASSES = frozenset(f'tensorflow_datasets.core.features.{name}' for name in (
+    'features_dict.FeaturesDict', 'tensor_feature.Tensor', 'class_label_feature.ClassLabel', 'text_feature.Text'))
+
+
 def dataset_dir(data_dir: str | os.PathLike) -> Path:
-  """The TFDS dataset folder named by `data_dir/manifest.json` (written by data_prep.build)."""
+  """The TFDS dataset folder named by `data_dir/manifest.json` (written by data_prep.build), checked to be ours.
+
+  The folder must lie inside data_dir, and its features.json may name only FEATURE_CLASSES.
+  """
   manifest = Path(data_dir) / 'manifest.json'
   if not manifest.is_file():
     raise FileNotFoundError(f'{manifest} not found: build the dataset first with '
                             f'`python -m data_prep.build --source_dir DIR --data_dir {data_dir}`')
-  return Path(data_dir) / json.loads(manifest.read_text())['dataset_dir']
+  named = Path(json.loads(manifest.read_text())['dataset_dir'])
+  if named.is_absolute() or '..' in named.parts:
+    raise ValueError(f'{manifest} names the dataset folder {named}, which is not inside {data_dir}')
+  folder = Path(data_dir) / named
+  features = folder / 'features.json'
+  if features.is_file():
+    foreign = sorted(_class_names(json.loads(features.read_text())) - FEATURE_CLASSES)
+    if foreign:
+      raise ValueError(f'{features} names feature classes that data_prep.build does not write, which TFDS would '
+                       f'import: {foreign}. Rebuild the dataset with data_prep.build')
+  return folder
+
+
+def _class_names(tree: Any) -> set[str]:
+  """Every 'pythonClassName' value in a JSON tree."""
+  if isinstance(tree, dict):
+    own = {tree['pythonClassName']} if isinstance(tree.get('pythonClassName'), str) else set()
+    return own.union(*(_class_names(value) for value in tree.values()))
+  if isinstance(tree, list):
+    return set().union(*(_class_names(value) for value in tree))
+  return set()
 
 
 def _decode(example: dict[str, tf.Tensor], image_size: int) -> dict[str, tf.Tensor]:

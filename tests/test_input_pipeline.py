@@ -183,3 +183,20 @@ def test_batches_shard_over_two_devices(built_dataset, tmp_path):
   assert f"masked {sum(manifest['counts']['val'].values())}" in result.stdout
   assert 'error batch_size 7 must be divisible by the number of devices (2)' in result.stdout
   assert np.array_equal(np.load(tmp_path / 'train.npy'), np.asarray(one_device['image']))
+
+
+def test_a_build_naming_foreign_feature_classes_or_folders_is_not_read(built_dataset, tmp_path):
+  """TFDS imports the classes a build's features.json names: only data_prep.build's own are read."""
+  data_dir, _ = built_dataset
+  copy = tmp_path / 'data'
+  shutil.copytree(data_dir, copy)
+  folder = input_pipeline.dataset_dir(copy)
+  features = folder / 'features.json'
+  features.write_text(features.read_text().replace('tensorflow_datasets.core.features.text_feature.Text',
+                                                   'some_module.Text', 1))
+  with pytest.raises(ValueError, match=f"{features} names feature classes .*'some_module.Text'"):
+    input_pipeline.SplitReader(str(copy), 'test', 32, input_pipeline.data_mesh())
+  manifest = copy / 'manifest.json'
+  manifest.write_text(manifest.read_text().replace('"dataset_dir": "covid_xray/', '"dataset_dir": "../covid_xray/'))
+  with pytest.raises(ValueError, match='names the dataset folder ../covid_xray/.* which is not inside'):
+    input_pipeline.dataset_dir(copy)
