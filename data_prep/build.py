@@ -25,7 +25,7 @@ from absl import app, flags, logging
 from tqdm import tqdm
 
 from covid_jax import runtime
-from data_prep import bounded, duplicates, images, patients, split
+from data_prep import bounded, duplicates, images, metadata, patients, split
 from data_prep.scan import BuildError, scan
 
 with runtime.quiet_tensorflow_import():  # TensorFlow's native INFO lines on import.
@@ -85,16 +85,24 @@ def _load(source_dir: Path, rel: str, image_size: int, keep_aspect: bool, max_pi
   return (fingerprint, spool.put(png)), None
 
 
-def plan(source_dir: Path, label_map: Mapping[str, int], fractions: Mapping[str, float], seed: int,
+def plan(source_dir: Path, label_map: Mapping[str, int] | None, fractions: Mapping[str, float], seed: int,
          image_size: int, keep_aspect: bool = False, max_pixels: int = images.DEFAULT_MAX_PIXELS,
          near_threshold: int = duplicates.DEFAULT_NEAR_THRESHOLD, workers: int | None = None,
-         progress: bool = True) -> tuple[dict[str, Any], bounded.Spool]:
+         progress: bool = True, table: metadata.Table | None = None,
+         patient_from_dicom: bool = False) -> tuple[dict[str, Any], bounded.Spool]:
   """Reads, audits and splits the source folder: (manifest, examples to write per split).
 
+  Labels come from class folders (label_map) or, with label_map None, from the metadata `table`; patient ids
+  from the DICOM PatientID with `patient_from_dicom`, else from the table when given, else from file names.
   The examples' images wait resized as PNG files in the returned spool, which `write` removes (so does its garbage
   collection). Decodes run at most 2 x max_pixels pixels (source and stored) at once, however many the workers.
   """
+  if (label_map is None) != bool(table and table.labels):
+    raise ValueError('labels come from label_map or from the metadata table: exactly one of them')
   candidates, rejected = scan(source_dir, label_map)
+  listed = metadata.match(table, candidates) if table else None
+  if listed:
+    candidates, rejected = listed.candidates, rejected + listed.rejected
   to_write = bounded.Spool(fractions)
   budget = bounded.PixelBudget(2 * max_pixels)
   try:
@@ -110,21 +118,20 @@ def plan(source_dir: Path, label_map: Mapping[str, int], fractions: Mapping[str,
         kept.append((rel, label))
         decoded.append(stored[0])
         pngs.append(stored[1])
-    for folder, label in label_map.items():
+    for folder, label in (label_map or {}).items():
       if not any(rel.split('/')[0] == folder for rel, _ in kept):
         raise BuildError(f'class folder {source_dir / folder} has no usable image (all rejected)')
+    if label_map is None:
+      metadata.check_labels(table, [label for _, label in kept])
   except BaseException:
     to_write.close()
     raise
 
-  warnings = []
-  ids = [patients.patient_id(rel) for rel, _ in kept]
-  unparsed = [rel for (rel, _), pid in zip(kept, ids) if pid is None]
-  if unparsed:
-    warnings.append(f'{len(unparsed)} file names match no known patient-id pattern; each is its own patient group '
-                    f'(e.g. {unparsed[0]})')
-  ids = [pid if pid is not None else f'file:{rel}' for (rel, _), pid in zip(kept, ids)]
-  warnings += _provenance_warnings(kept)
+  if patient_from_dicom:
+    ids, id_sources, warnings = _dicom_patients([rel for rel, _ in kept], [d.patient_id for d in decoded])
+  else:
+    ids, id_sources, warnings = patients.assign([rel for rel, _ in kept], listed.patients if listed else None)
+  warnings = (listed.warnings if listed else []) + warnings + _provenance_warnings(kept)
 
   dup_groups = duplicates.find_duplicate_groups([d.pixel_sha256 for d in decoded],
                                                 np.stack([d.perceptual_hash for d in decoded]), near_threshold)
@@ -141,8 +148,9 @@ def plan(source_dir: Path, label_map: Mapping[str, int], fractions: Mapping[str,
                     f'{[kept[i][0] for i in conflicting[0]]}')
   splits = split.assign_splits(groups.groups(), [label for _, label in kept], fractions, seed)
 
-  examples = [{'path': rel, 'label': label, 'split': s, 'patient_id': pid, 'sha256': d.file_sha256}
-              for (rel, label), s, pid, d in zip(kept, splits, ids, decoded)]
+  examples = [{'path': rel, 'label': label, 'split': s, 'patient_id': pid, 'patient_source': source,
+               'sha256': d.file_sha256}
+              for (rel, label), s, pid, source, d in zip(kept, splits, ids, id_sources, decoded)]
   for example, png in zip(examples, pngs):
     to_write[example['split']].append({**example, 'png': png})
   manifest = {
@@ -150,7 +158,8 @@ def plan(source_dir: Path, label_map: Mapping[str, int], fractions: Mapping[str,
       'split_fractions': dict(fractions),
       'image_size': image_size,
       'keep_aspect': keep_aspect,
-      'label_map': dict(label_map),
+      'label_map': None if label_map is None else dict(label_map),
+      'metadata': table.describe() if table else None,
       'class_names': list(CLASS_NAMES),
       'dataset_dir': f'covid_xray/{VERSION}',
       'counts': {s: {str(c): sum(e['split'] == s and e['label'] == c for e in examples) for c in (0, 1)}
@@ -161,6 +170,16 @@ def plan(source_dir: Path, label_map: Mapping[str, int], fractions: Mapping[str,
       'warnings': warnings,
   }
   return manifest, to_write
+
+
+def _dicom_patients(paths: Sequence[str], stated: Sequence[str | None]) -> tuple[list[str], list[str], list[str]]:
+  """As `patients.assign`, with ids from the DICOM PatientID each file states: one without is its own group."""
+  ids = [f'file:{path}' if pid is None else pid for path, pid in zip(paths, stated)]
+  sources = ['own group' if pid is None else 'DICOM PatientID' for pid in stated]
+  missing = [path for path, pid in zip(paths, stated) if pid is None]
+  warnings = [f'{len(missing)} images have no DICOM PatientID (empty, missing, or not a DICOM file); each is its '
+              f'own patient group (e.g. {missing[0]})'] if missing else []
+  return ids, sources, warnings
 
 
 def _provenance_warnings(kept: Sequence[tuple[str, int]]) -> list[str]:
@@ -253,7 +272,7 @@ def summary(manifest: Mapping[str, Any]) -> str:
   kinds = collections.Counter(g['kind'] for g in manifest['duplicate_groups'])
   lines.append(f'duplicate groups: {len(manifest["duplicate_groups"])} '
                f'({kinds["exact"]} exact, {kinds["near"]} near; kept within one split)')
-  lines.append(f'patients: {len({e["patient_id"] for e in manifest["examples"]})}')
+  lines.append(patients.summary(manifest['examples'], (manifest['metadata'] or {}).get('file')))
   lines += [f'WARNING: {w}' for w in manifest['warnings']]
   return '\n'.join(lines)
 
@@ -275,6 +294,12 @@ def define_flags() -> None:
                        'Max Hamming distance between 256-bit perceptual hashes of near duplicates.')
   flags.DEFINE_bool('strict', False, 'Exit non-zero (writing nothing) if any file or folder is rejected.')
   flags.DEFINE_bool('overwrite', False, 'Replace an existing data_dir.')
+  flags.DEFINE_string('metadata', None, 'CSV naming each image (relative path or base name) and its patient.')
+  flags.DEFINE_string('metadata_columns', None, 'path=COLUMN,patient=COLUMN[,label=COLUMN] of --metadata.')
+  flags.DEFINE_string('label_values', None, "With label=: value -> label, e.g. 'COVID-19=1,No finding=0'.")
+  flags.DEFINE_bool('allow_unlisted', False, 'Keep images without a row in --metadata, each its own patient.')
+  flags.DEFINE_bool('patient_from_dicom', False, 'Patient id = the DICOM PatientID (.dcm files); a file without one '
+                    'is its own patient.')
   flags.mark_flags_as_required(['source_dir', 'data_dir'])
 
 
@@ -288,8 +313,13 @@ def main(argv: Sequence[str]) -> int:
                         ('near_duplicate_threshold', 0), ('seed', 0)):
       if FLAGS[name].value < least:
         raise BuildError(f'--{name} is {FLAGS[name].value}; it must be at least {least}')
-    manifest, to_write = plan(Path(FLAGS.source_dir), label_map, fractions, FLAGS.seed, FLAGS.image_size,
-                              FLAGS.keep_aspect, FLAGS.max_pixels, FLAGS.near_duplicate_threshold)
+    table = metadata.from_flags(FLAGS.metadata, FLAGS.metadata_columns, FLAGS.label_values, FLAGS.allow_unlisted,
+                                FLAGS['label_map'].present)
+    if FLAGS.patient_from_dicom and table:
+      raise BuildError('--patient_from_dicom and --metadata both say where patient ids come from; give one')
+    manifest, to_write = plan(Path(FLAGS.source_dir), None if table and table.labels else label_map, fractions,
+                              FLAGS.seed, FLAGS.image_size, FLAGS.keep_aspect, FLAGS.max_pixels,
+                              FLAGS.near_duplicate_threshold, table=table, patient_from_dicom=FLAGS.patient_from_dicom)
     for warning in manifest['warnings']:
       print(f'WARNING: {warning}')
     if FLAGS.strict and manifest['rejected']:

@@ -1,5 +1,7 @@
 """Robust decoding of one source file into what the build keeps of it, or a reason it cannot be used.
 
+JPEG and PNG decode with Pillow; DICOM (told by its content, see `dicom`) with pydicom.
+
 Every failure becomes a `Rejected` with a human-readable reason, so the build can
 account for every file instead of silently dropping some. The build keeps only an
 image's fingerprints and its resized PNG, so no full-size pixels outlive a decode.
@@ -14,7 +16,7 @@ import numpy as np
 import scipy.fft
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png')
+IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.dcm', '.dicom')
 ACCEPTED_FORMATS = ('JPEG', 'PNG')
 MIN_SIDE = 32
 DEFAULT_MAX_PIXELS = 50_000_000  # Far above any radiograph; below what exhausts memory.
@@ -35,10 +37,14 @@ class Fingerprint:
   file_sha256: str
   pixel_sha256: str
   perceptual_hash: np.ndarray  # Packed bits, see `perceptual_hash`.
+  patient_id: str | None = None  # As the file's header states it (DICOM PatientID); None if it states none.
 
 
 def header_pixels(data: bytes) -> int:
   """Width x height as the file's header states it, read without decoding; 0 if it has no readable header."""
+  if _is_dicom(data):
+    from data_prep import dicom  # pydicom loads only once a DICOM appears.
+    return dicom.header_pixels(data)
   try:
     with warnings.catch_warnings():
       warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # `decode` rejects bombs, with the reason.
@@ -51,11 +57,33 @@ def header_pixels(data: bytes) -> int:
 def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
   """File bytes -> uint8 pixels: grayscale (H, W), or RGB (H, W, 3) only when the channels differ.
 
-  Applies EXIF orientation; converts CMYK, palette, alpha and 16-bit images.
+  Applies EXIF orientation; converts CMYK, palette, alpha and 16-bit images; DICOM as `dicom.decode` does.
   Raises Rejected with the reason otherwise.
   """
+  return _decode(data, max_pixels)[0]
+
+
+def _decode(data: bytes, max_pixels: int) -> tuple[np.ndarray, str | None]:
+  """`decode`, with the patient id the file's header states (DICOM PatientID) or None."""
   if not data:
     raise Rejected('empty file')
+  if _is_dicom(data):
+    from data_prep import dicom
+    pixels, patient_id = dicom.decode(data, max_pixels)
+  else:
+    pixels, patient_id = _decode_pillow(data, max_pixels), None
+  if min(pixels.shape[:2]) < MIN_SIDE:
+    raise Rejected(f'too small: {pixels.shape[1]}x{pixels.shape[0]} pixels (minimum side {MIN_SIDE})')
+  return pixels, patient_id
+
+
+def _is_dicom(data: bytes) -> bool:
+  """A DICOM Part 10 file: 'DICM' after the 128-byte preamble (checked here, so that JPEG and PNG need no pydicom)."""
+  return data[128:132] == b'DICM'
+
+
+def _decode_pillow(data: bytes, max_pixels: int) -> np.ndarray:
+  """JPEG or PNG bytes -> uint8 pixels, as `decode` describes."""
   try:
     with warnings.catch_warnings():
       warnings.simplefilter('error', Image.DecompressionBombWarning)
@@ -75,10 +103,7 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     raise Rejected('not an image (unrecognised content)') from None
   except (OSError, SyntaxError, ValueError) as e:
     raise Rejected(f'truncated or corrupt image: {e}') from None
-  pixels = _to_uint8(image)
-  if min(pixels.shape[:2]) < MIN_SIDE:
-    raise Rejected(f'too small: {pixels.shape[1]}x{pixels.shape[0]} pixels (minimum side {MIN_SIDE})')
-  return pixels
+  return _to_uint8(image)
 
 
 def _to_uint8(image: Image.Image) -> np.ndarray:
@@ -118,10 +143,11 @@ def prepare(data: bytes, size: int, keep_aspect: bool = False,
 
   Returns no pixels: the full-size image is freed on return, and the PNG is lossless.
   """
-  pixels = decode(data, max_pixels)
+  pixels, patient_id = _decode(data, max_pixels)
   pixel_digest = hashlib.sha256(str(pixels.shape).encode())
   pixel_digest.update(pixels)  # The array's own buffer (decode's arrays are C-contiguous): no copy.
-  fingerprint = Fingerprint(hashlib.sha256(data).hexdigest(), pixel_digest.hexdigest(), perceptual_hash(pixels))
+  fingerprint = Fingerprint(hashlib.sha256(data).hexdigest(), pixel_digest.hexdigest(), perceptual_hash(pixels),
+                            patient_id)
   return fingerprint, encode_png(resize_for_storage(pixels, size, keep_aspect))
 
 

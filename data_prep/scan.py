@@ -14,6 +14,8 @@ and nothing but a regular file is ever opened:
 - a name that is not valid UTF-8 is rejected, its path shown with backslash escapes: paths are
   stored as UTF-8 text in the manifest and the TFRecords.
 Empty folders need no entry. Results are sorted by path, whatever the listing order.
+Without a label map (labels come from a metadata file) there are no class folders: every image
+file at any depth is a candidate.
 """
 
 import collections
@@ -34,11 +36,16 @@ class BuildError(Exception):
   """A problem with the input that stops the build; the message names the file or folder."""
 
 
-def scan(source_dir: Path, label_map: Mapping[str, int]) -> tuple[list[tuple[str, int]], list[dict]]:
-  """Sorted (relative path, label) candidates, and rejections for everything else under source_dir."""
+def scan(source_dir: Path,
+         label_map: Mapping[str, int] | None) -> tuple[list[tuple[str, int | None]], list[dict]]:
+  """Sorted (relative path, label) candidates, and rejections for everything else under source_dir.
+
+  With label_map None every image file is a candidate, its label None (the metadata file gives it).
+  """
   if not source_dir.is_dir():
     raise BuildError(f'source directory {source_dir} does not exist')
-  for folder in label_map:
+  folders = label_map or {}
+  for folder in folders:
     path = source_dir / folder
     if path.is_symlink() and not path.is_dir():
       raise BuildError(f'class folder {path} is a symbolic link to {_printable(os.readlink(path))}, '
@@ -47,11 +54,11 @@ def scan(source_dir: Path, label_map: Mapping[str, int]) -> tuple[list[tuple[str
       raise BuildError(f'class folder {path} is missing (expected folders: {", ".join(label_map)})')
   candidates, rejected = [], []
   files_per_folder = collections.Counter()
-  for parts, problem in _walk(source_dir, (), label_map):
+  for parts, problem in _walk(source_dir, (), folders):
     rel = '/'.join(parts)
-    if problem and (not parts or (len(parts) == 1 and parts[0] in label_map)):
+    if problem and (not parts or (len(parts) == 1 and parts[0] in folders)):
       raise BuildError(f'{"class folder" if parts else "source directory"} {source_dir / rel}: {problem}')
-    in_class = len(parts) > 1 and parts[0] in label_map
+    in_class = label_map is None or (len(parts) > 1 and parts[0] in label_map)
     if any(p.startswith('.') or p.lower() in _SYSTEM_DIRS for p in parts) or parts[-1].lower() in _SYSTEM_FILES:
       rejected.append({'path': rel, 'reason': 'hidden or system file'})
       continue
@@ -65,10 +72,12 @@ def scan(source_dir: Path, label_map: Mapping[str, int]) -> tuple[list[tuple[str
     elif suffix.lower() not in images.IMAGE_EXTENSIONS:
       rejected.append({'path': rel, 'reason': f'not an image file extension ({suffix or "none"})'})
     else:
-      candidates.append((rel, label_map[parts[0]]))
-  for folder in label_map:
+      candidates.append((rel, None if label_map is None else label_map[parts[0]]))
+  for folder in folders:
     if not files_per_folder[folder]:
       raise BuildError(f'class folder {source_dir / folder} is empty')
+  if label_map is None and not candidates:
+    raise BuildError(f'source directory {source_dir} holds no image file ({", ".join(images.IMAGE_EXTENSIONS)})')
   return sorted(candidates), sorted(rejected, key=lambda r: r['path'])
 
 
