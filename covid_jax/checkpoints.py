@@ -74,8 +74,8 @@ class RunCheckpoints:
     killed between the two writes leaves a latest epoch that is also the best; `complete_best` copies it.
 
     On one host the (replicated) state is saved as NumPy arrays, which Orbax writes faster than
-    jax.Arrays; restoring gives NumPy arrays, which the trainer puts back on its devices. Several hosts
-    save jax.Arrays, whose writes Orbax coordinates across processes.
+    jax.Arrays. Several hosts save jax.Arrays, whose writes Orbax coordinates across processes. Either
+    way `restore` puts the state where its abstract state's shardings say, on whatever devices.
     """
     if jax.process_count() == 1:
       state = jax.device_get(state)
@@ -135,7 +135,7 @@ class RunCheckpoints:
     return None if saved is None else saved[PROGRESS]
 
   def restore(self, which: str, abstract_state: Any) -> Any:
-    """The `which` checkpoint's state, shaped as `abstract_state` (a tree of jax.ShapeDtypeStruct)."""
+    """The `which` checkpoint's state, shaped and placed as `abstract_state` (jax.ShapeDtypeStructs with shardings)."""
     return self._read(which, self.step(which), {STATE: ocp.args.StandardRestore(abstract_state)})[STATE]
 
   def _read(self, which: str, step: int, items: dict[str, Any]) -> dict[str, Any]:

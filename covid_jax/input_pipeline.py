@@ -7,7 +7,8 @@ shuffled and augmented with seeds derived from (seed, epoch, step) alone, never
 from TensorFlow's or Keras's global seed, so any epoch can be replayed exactly
 after a restart or in another process. Evaluation batches cover
 every example exactly once, in file order, padded to full batches with mask=False.
-Each process reads only its own part of each split.
+Each process reads only its own part of each split and shuffles only that part,
+so the training batches depend on the number of processes (not on their devices).
 """
 
 import functools

@@ -90,8 +90,14 @@ class Trainer:
     return order
 
   def restore(self, which: str, phase_index: int) -> state.TrainState:
-    """The `which` ('latest' or 'best') checkpoint's state, on the mesh; `phase_index` is the phase it was in."""
-    abstract = _savable(jax.eval_shape(lambda: self.new_state(self.outline.variables, phase_index)))
+    """The `which` ('latest' or 'best') checkpoint's state, on the mesh; `phase_index` is the phase it was in.
+
+    Read straight onto this run's mesh, which need not hold the devices that wrote it (several processes
+    save jax.Arrays, named with their devices).
+    """
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                            _savable(jax.eval_shape(lambda: self.new_state(self.outline.variables, phase_index))))
     saved = self.checkpoints.restore(which, abstract)
     restored = self.new_state({'params': saved['params'], 'batch_stats': saved['batch_stats']}, phase_index)
     return steps.replicate(restored.replace(step=saved['step'], opt_state=saved['opt_state']), self.mesh)
