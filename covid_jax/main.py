@@ -12,12 +12,20 @@ flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, TensorBoard ev
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).', lock_config=True)
 flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first (one process per host; the cluster '
                   'is detected from the environment, e.g. TPU pods or SLURM).')
+flags.DEFINE_string('coordinator_address', None, 'With --multihost where no cluster is detected (plain hosts): '
+                    'host:port of process 0, with --num_processes and --process_id.')
+flags.DEFINE_integer('num_processes', None, 'With --coordinator_address: how many processes the run has.')
+flags.DEFINE_integer('process_id', None, 'With --coordinator_address: this process\'s index, 0 to num_processes - 1.')
 flags.mark_flags_as_required(['config', 'workdir'])
+_CLUSTER_FLAGS = ('coordinator_address', 'num_processes', 'process_id')
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  given = [name for name in _CLUSTER_FLAGS if FLAGS[name].value is not None]
+  if given and (not FLAGS.multihost or len(given) != len(_CLUSTER_FLAGS)):
+    raise app.UsageError(f'--{", --".join(_CLUSTER_FLAGS)} go together, with --multihost (given: {given})')
   # Before the backend starts (the device queries below) and before TensorFlow loads.
   runtime.configure(FLAGS.config)
   with runtime.quiet_tensorflow_import():
@@ -26,7 +34,7 @@ def main(argv: list[str]) -> None:
   # TensorFlow only feeds data: keep it off the accelerators JAX uses.
   tf.config.set_visible_devices([], 'GPU')
   if FLAGS.multihost:
-    jax.distributed.initialize()
+    jax.distributed.initialize(*(FLAGS[name].value for name in _CLUSTER_FLAGS))
   logging.info('JAX process %d of %d; local devices: %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
   logging.info('Global devices: %d x %s', jax.device_count(), jax.devices()[0].platform)

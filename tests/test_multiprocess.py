@@ -1,8 +1,7 @@
 """Two JAX processes on this host train one run: as one process with two devices does, and only process 0 writes.
 
-The processes find each other as `--multihost` finds a cluster: jax.distributed.initialize() reads the
-coordinator from JAX_COORDINATOR_ADDRESS, and its SLURM detection the process count and id from the SLURM_*
-variables; CPU collectives between the processes go over gloo.
+The processes find each other as on plain hosts, through `--multihost --coordinator_address
+--num_processes --process_id`; CPU collectives between the processes go over gloo.
 
 Each process shuffles its own part of the training split, so the batches of two processes are not those of
 one (input_pipeline.py). The comparison therefore trains on full batches, one step per epoch, without
@@ -33,13 +32,6 @@ def _free_port() -> int:
   with socket.socket() as s:
     s.bind(('localhost', 0))
     return s.getsockname()[1]
-
-
-def _slurm_env(process_id: int, port: int) -> dict[str, str]:
-  """What `srun --ntasks=2` on this host would set, as far as jax reads it, with the coordinator on `port`."""
-  return {'SLURM_JOB_ID': '1', 'SLURM_STEP_NODELIST': 'localhost', 'SLURM_NTASKS': str(PROCESSES),
-          'SLURM_PROCID': str(process_id), 'SLURM_LOCALID': str(process_id),
-          'JAX_COORDINATOR_ADDRESS': f'localhost:{port}'}
 
 
 def _wait_all(processes: dict[str, subprocess.Popen], logs: dict[str, Path]) -> None:
@@ -93,8 +85,9 @@ def test_two_processes_train_as_one_process_with_two_devices(built_dataset, tmp_
   port = _free_port()
   commands = {'one process': runs.main_args(one, *overrides, devices=PROCESSES)}
   for i in range(PROCESSES):
-    commands[f'process {i}'] = runs.main_args(shared, '--multihost', *overrides, devices=1,
-                                              env_changes=_slurm_env(i, port))
+    commands[f'process {i}'] = runs.main_args(shared, '--multihost', f'--coordinator_address=localhost:{port}',
+                                              f'--num_processes={PROCESSES}', f'--process_id={i}', *overrides,
+                                              devices=1)
   logs = {name: tmp_path / f'{name}.log' for name in commands}
   processes = {}
   for name, command in commands.items():

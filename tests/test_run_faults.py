@@ -278,9 +278,13 @@ def test_missing_or_garbage_init_from_says_how_to_port(built_dataset, tmp_path):
     train.train_and_evaluate(runs.tiny_config(data_dir, init_from=str(garbage)), str(tmp_path / 'b'))
 
 
-def test_mistyped_override_fails(tmp_path):
+def test_mistyped_override_or_half_a_cluster_address_fails(tmp_path):
   result = runs.run_main(tmp_path, '--config.num_epoch=3')
   assert result.returncode != 0 and 'num_epoch' in result.stderr
+  result = runs.run_main(tmp_path, '--multihost', '--process_id=1')
+  assert result.returncode != 0
+  assert "--coordinator_address, --num_processes, --process_id go together, with --multihost (given: ['process_id'])" \
+      in result.stderr
   assert not (tmp_path / 'checkpoints').exists()
 
 
