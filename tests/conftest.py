@@ -31,3 +31,16 @@ def synthetic_source(tmp_path_factory: pytest.TempPathFactory):
 def built_dataset(synthetic_source, tmp_path_factory: pytest.TempPathFactory):
   """`synthetic_source` built at 64 px: (data_dir, manifest)."""
   return fixtures.build_dataset(synthetic_source.root, tmp_path_factory.mktemp('built') / 'data', image_size=64)
+
+
+@pytest.fixture(scope='session')
+def trained_run(built_dataset, tmp_path_factory: pytest.TempPathFactory):
+  """One tiny finished run on `built_dataset` (64 px, 10 epochs), shared by every test that reads a run's
+  outputs (predict, evaluate, compare, report): (workdir, test metrics returned, manifest)."""
+  from covid_jax import train
+  from tests import runs
+  data_dir, manifest = built_dataset
+  workdir = tmp_path_factory.mktemp('trained_run')
+  # At 64 px the lesions are visible enough for the tiny model to learn in a few epochs.
+  config = runs.tiny_config(data_dir, num_epochs=10, **{'early_stopping.patience': 10, 'model.image_size': 64})
+  return workdir, train.train_and_evaluate(config, str(workdir)), manifest

@@ -130,7 +130,7 @@ def test_bfloat16_training_learns_and_keeps_float32_parameters(built_dataset, tm
       features.add(out.dtype)
     return out
 
-  # test_train's `learned_run` at 64 px, in bfloat16.
+  # conftest's `trained_run` at 64 px, in bfloat16.
   config = runs.tiny_config(data_dir, dtype='bfloat16', num_epochs=10,
                             **{'early_stopping.patience': 10, 'model.image_size': 64})
   with nn.intercept_methods(record):
