@@ -104,6 +104,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.early_stopping.patience = 15  # Epochs without improvement before a phase stops.
   config.early_stopping.min_delta = 0.0  # Improvement must exceed this.
 
+  # The decision threshold on the (calibrated) COVID probability, chosen on val only and applied to test:
+  # fixed (0.5, the study) | youden (max sensitivity + specificity - 1) | target_sensitivity (the highest
+  # threshold whose val sensitivity reaches threshold.target).
+  config.threshold = ml_collections.ConfigDict()
+  config.threshold.rule = 'fixed'
+  config.threshold.target = 0.95
+
   config.seed = 0
   config.log_every_steps = 10  # TensorBoard train scalars.
   config.prediction_grid_size = 16  # Test images in the prediction grid plot.

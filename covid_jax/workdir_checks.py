@@ -28,6 +28,7 @@ MAY_CHANGE = {
     'retain_freed_host_memory': ANY,
     'compilation_cache_dir': ANY,
     'formulations.*': ANY,  # The same numbers to rounding, formulated for another machine.
+    'threshold.*': ANY,  # Chosen after training, on val.
 }
 MANIFEST_KEY = 'data manifest.json sha256'
 # What a finished or started run leaves beside its checkpoints.
