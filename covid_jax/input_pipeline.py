@@ -11,10 +11,11 @@ Each process reads only its own part of each split and shuffles only that part,
 so the training batches depend on the number of processes (not on their devices).
 """
 
+import collections
 import functools
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,38 @@ def _to_float(images: jax.Array) -> jax.Array:
   return images.astype(jnp.float32)
 
 
+# Folded into the seed's key before a view's number: training epochs fold in 1, 2, ..., which never reach it.
+_VIEWS_STREAM = 2**31 - 1
+
+
+@functools.partial(jax.jit, static_argnames=('flip', 'contrast'))
+def _augment_each(images: jax.Array, index: jax.Array, key: jax.Array, flip: bool, contrast: float) -> jax.Array:
+  """`augment` on float images, each with its own key fold_in(key, index): draws independent of the batching."""
+  def one(image, image_key):
+    return augment(image[None], image.mean(axis=(0, 1))[None], image_key, flip=flip, contrast=contrast)[0]
+  return jax.vmap(one)(images, jax.vmap(jax.random.fold_in, (None, 0))(key, index))
+
+
+def ahead(batches: Iterable[Batch], size: int = 1) -> Iterator[Batch]:
+  """`batches` in their order, `size` batches ahead of the consumer: a batch's host-to-device transfer (and its
+  augmentation) is dispatched before the consumer dispatches its step on the batch before, so the transfer runs
+  while that step does instead of after it."""
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(batch)
+    if len(queue) > size:
+      yield queue.popleft()
+  yield from queue
+
+
+def one_batch_ahead(batches_of: Callable[..., Iterator[Batch]]) -> Callable[..., Iterator[Batch]]:
+  """Decorates a method that yields batches so that its batches come `ahead` by one."""
+  @functools.wraps(batches_of)
+  def ahead_by_one(*args, **kwargs) -> Iterator[Batch]:
+    return ahead(batches_of(*args, **kwargs))
+  return ahead_by_one
+
+
 class SplitReader:
   """One split of a built dataset, read by this process, decoded and resized once when it fits in memory."""
 
@@ -180,6 +213,7 @@ class SplitReader:
       self._kept = examples
     return examples
 
+  @one_batch_ahead
   def train_epoch(self, batch_size: int, epoch: int, seed: int, flip: bool = True,
                   contrast: float = 0.2) -> Iterator[Batch]:
     """Shuffled, augmented full batches for one epoch; the same (seed, epoch) gives the same batches.
@@ -189,7 +223,7 @@ class SplitReader:
     """
     local = self._local_batch_size(batch_size)
     examples = self._examples()
-    order = np.random.default_rng([seed, epoch, jax.process_index()]).permutation(self.num_local_examples)
+    order = self.epoch_order(seed, epoch)
     epoch_key = jax.random.fold_in(jax.random.key(seed), epoch)
     for step in range(self.steps_per_epoch(batch_size)):
       chosen = order[step * local:(step + 1) * local]
@@ -198,6 +232,25 @@ class SplitReader:
       image = augment(batch.pop('image'), batch.pop('channel_mean'), key, flip=flip, contrast=contrast)
       yield {'image': image, **batch}
 
+  def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
+    """The order in which epoch `epoch`'s training batches take this process's examples (file-order indices)."""
+    return np.random.default_rng([seed, epoch, jax.process_index()]).permutation(self.num_local_examples)
+
+  def view_batches(self, batch_size: int, view: int, seed: int, flip: bool = True,
+                   contrast: float = 0.2) -> Iterator[Batch]:
+    """`eval_batches` with every image as its view `view`: view 0 is the image itself, a view v >= 1 the study's
+    flip and contrast, drawn for each example from (seed, v, process, example) whatever the batch size."""
+    if view == 0:
+      yield from self.eval_batches(batch_size)
+      return
+    local = self._local_batch_size(batch_size)
+    view_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _VIEWS_STREAM), view)
+    view_key = jax.random.fold_in(view_key, jax.process_index())
+    for i, batch in enumerate(self.eval_batches(batch_size)):
+      index = self._to_global({'index': np.arange(i * local, (i + 1) * local)})['index']
+      yield {**batch, 'image': _augment_each(batch['image'], index, view_key, flip=flip, contrast=contrast)}
+
+  @one_batch_ahead
   def eval_batches(self, batch_size: int) -> Iterator[Batch]:
     """Every example exactly once, in order; the last batch padded with zero images and mask=False."""
     local = self._local_batch_size(batch_size)
@@ -214,3 +267,11 @@ class SplitReader:
     """This process's part of a batch -> global arrays sharded over the mesh's 'data' axis."""
     sharding = NamedSharding(self.mesh, PartitionSpec(AXIS))
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def split_paths(data_dir: str | os.PathLike, split: str) -> list[str]:
+  """Source paths (relative, as in manifest.json) of a whole split in file order: the order of the
+  outputs `steps.split_outputs` gathers from every process."""
+  records = tfds.builder_from_directory(str(dataset_dir(data_dir))).as_dataset(
+      split=split, shuffle_files=False, read_config=tfds.ReadConfig(try_autocache=False))
+  return [p.decode() for p in records.map(lambda e: e['path']).as_numpy_iterator()]

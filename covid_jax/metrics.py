@@ -1,8 +1,8 @@
 """Classification metrics from gathered predictions, computed once on the host.
 
-The point metrics come from scikit-learn. ROC AUC and the bootstrap's accuracy
-are computed with NumPy/SciPy, because the bootstrap evaluates them 1,000 times
-and scikit-learn's input validation would cost more than the metrics.
+The point metrics come from scikit-learn, except ROC AUC, computed from ranks
+(SciPy) because every validation pass computes it. Intervals, resampled by
+patient, are `covid_jax.intervals`'; the scored test metrics `covid_jax.scoring`'.
 
 Label 0 is non-COVID and label 1 is COVID, the positive class: `precision`,
 `recall` (sensitivity) and `f1` are those of class 1 and `specificity` is the
@@ -13,7 +13,6 @@ goes to JSON as it is (JSON has no NaN: an undefined ROC AUC is None).
 """
 
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,6 @@ from sklearn import metrics as sk
 
 CLASS_NAMES = ('non_covid', 'covid')
 _LABELS = [0, 1]
-_CONFIDENCE = 0.95
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
@@ -47,7 +45,7 @@ def roc_auc(labels: np.ndarray, covid_probability: np.ndarray) -> float | None:
   """ROC AUC of the COVID probability; None when `labels` hold one class only (AUC is undefined).
 
   Computed as the Mann-Whitney statistic (tied scores count half), which is the area under the ROC
-  curve that scikit-learn integrates; from ranks it is cheap enough for a bootstrap of many resamples.
+  curve that scikit-learn integrates, from ranks without scikit-learn's input checks.
   """
   positive = np.asarray(labels) == 1
   num_positive = int(positive.sum())
@@ -58,62 +56,30 @@ def roc_auc(labels: np.ndarray, covid_probability: np.ndarray) -> float | None:
   return float((ranks[positive].sum() - num_positive * (num_positive + 1) / 2) / (num_positive * num_negative))
 
 
-def accuracy_at(threshold: float) -> Callable[[np.ndarray, np.ndarray], float]:
-  """Accuracy as a function of (labels, covid_probability), for `bootstrap_ci`."""
-  return lambda labels, covid_probability: float(np.mean(labels == predict(covid_probability, threshold)))
-
-
-def bootstrap_ci(labels: np.ndarray,
-                 covid_probability: np.ndarray,
-                 metric: Callable[[np.ndarray, np.ndarray], float | None],
-                 n: int = 1000,
-                 seed: int = 0,
-                 confidence: float = _CONFIDENCE) -> list[float] | None:
-  """Percentile bootstrap interval [low, high] of `metric(labels, covid_probability)`.
-
-  Resamples the examples with replacement `n` times (the same resamples for a
-  given seed and size, so intervals of different metrics are paired). Resamples
-  where the metric is undefined (it returns None, as `roc_auc` does for a
-  single class) are left out; None if no resample was defined.
-  """
-  labels, covid_probability = _validated(labels, covid_probability)
-  rng = np.random.default_rng(seed)
-  values = []
-  for _ in range(n):
-    index = rng.integers(0, labels.size, labels.size)
-    value = metric(labels[index], covid_probability[index])
-    if value is not None:
-      values.append(value)
-  if not values:
+def pr_auc(labels: np.ndarray, covid_probability: np.ndarray) -> float | None:
+  """Average precision of the COVID probability (scikit-learn's PR AUC); None when `labels` hold no COVID."""
+  if not np.any(np.asarray(labels) == 1):
     return None
-  tail = (1.0 - confidence) / 2
-  low, high = np.quantile(values, [tail, 1.0 - tail])
-  return [float(low), float(high)]
+  return float(sk.average_precision_score(labels, covid_probability))
 
 
 def classification_metrics(labels: np.ndarray,
                            covid_probability: np.ndarray,
-                           threshold: float = 0.5,
-                           bootstrap_samples: int = 0,
-                           seed: int = 0) -> dict[str, Any]:
+                           threshold: float = 0.5) -> dict[str, Any]:
   """Metrics of COVID-vs-non-COVID predictions, as plain JSON-ready values.
 
   Args:
     labels: (N,) true labels in {0, 1}, only real examples (padding removed).
     covid_probability: (N,) predicted probability of COVID (label 1).
     threshold: predict COVID where the probability is above this.
-    bootstrap_samples: if positive, add 'ci95' with percentile bootstrap
-      intervals of accuracy and ROC AUC from this many resamples (the test
-      set is small; a point estimate alone hides how uncertain it is).
-    seed: seed of the bootstrap resampling.
 
   Returns:
     accuracy, precision, recall (sensitivity), specificity, f1 (positive class
-    COVID), balanced_accuracy, roc_auc (None for one class), confusion_matrix
+    COVID), balanced_accuracy, roc_auc (None for one class), pr_auc (None
+    without COVID examples), confusion_matrix
     [[tn, fp], [fn, tp]] (rows: true non_covid, covid; columns: predicted
     non_covid, covid), per_class {name: {precision, recall, f1, support}},
-    num_examples, threshold and, if asked for, ci95 {accuracy, roc_auc:
-    [low, high] or None}.
+    num_examples and threshold. Intervals: `intervals`, `scoring.score`.
   """
   labels, covid_probability = _validated(labels, covid_probability)
   predicted = predict(covid_probability, threshold)
@@ -132,6 +98,7 @@ def classification_metrics(labels: np.ndarray,
       'f1': float(f1[1]),
       'balanced_accuracy': float(balanced_accuracy),
       'roc_auc': roc_auc(labels, covid_probability),
+      'pr_auc': pr_auc(labels, covid_probability),
       'confusion_matrix': sk.confusion_matrix(labels, predicted, labels=_LABELS).tolist(),
       'per_class': {
           name: {'precision': float(precision[i]), 'recall': float(recall[i]), 'f1': float(f1[i]),
@@ -141,17 +108,12 @@ def classification_metrics(labels: np.ndarray,
       'num_examples': int(labels.size),
       'threshold': float(threshold),
   }
-  if bootstrap_samples > 0:
-    result['ci95'] = {
-        name: bootstrap_ci(labels, covid_probability, metric, n=bootstrap_samples, seed=seed)
-        for name, metric in (('accuracy', accuracy_at(threshold)), ('roc_auc', roc_auc))
-    }
   return result
 
 
-def from_logits(labels: np.ndarray, logits: np.ndarray, threshold: float = 0.5, **kwargs) -> dict[str, Any]:
-  """`classification_metrics` of (N, 2) logits; kwargs go to it (bootstrap_samples, seed)."""
-  return classification_metrics(labels, probabilities(logits)[:, 1], threshold, **kwargs)
+def from_logits(labels: np.ndarray, logits: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
+  """`classification_metrics` of (N, 2) logits."""
+  return classification_metrics(labels, probabilities(logits)[:, 1], threshold)
 
 
 def split_metrics(outputs: dict[str, np.ndarray], label_smoothing: float, prefix: str) -> dict[str, float]:

@@ -17,8 +17,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn import metrics as sk
 
-from covid_jax import metrics
+from covid_jax import calibration, metrics, predictions, scoring
 from covid_jax.metrics import CLASS_NAMES
+from covid_jax.predictions import SplitPredictions
 
 _DPI = 150
 CORRECT_COLOR = 'green'
@@ -41,34 +42,44 @@ _TABLE_ROWS = (
     ('f1', 'f1'),
     ('balanced_accuracy', 'balanced accuracy'),
     ('roc_auc', 'roc auc'),
+    ('pr_auc', 'pr auc'),
 )
 
 
-def final_report(workdir: str | os.PathLike, outputs: dict[str, np.ndarray], history: Sequence[dict[str, Any]],
+def final_report(workdir: str | os.PathLike, outputs: dict[str, np.ndarray], val: SplitPredictions,
+                 test: SplitPredictions, decision: scoring.Decision, history: Sequence[dict[str, Any]],
                  details: dict[str, Any], seed: int, grid_size: int, write: bool = True) -> dict[str, Any]:
   """The test metrics of a run's chosen epoch, and (with `write`) the files a finished run leaves.
 
-  `outputs` are the test split's gathered logits and labels, with this process's images (`local_*`,
-  `steps.split_outputs`); `details` (best epoch, checkpoint, split sizes, ...) join the metrics.
-  Writes test_metrics.json, history.json, training_curves.png, confusion_matrix.png, roc_curve.png and
-  prediction_grid.png (`grid_size` test images drawn with `seed`) under `workdir`.
+  `val` and `test` are the splits' predictions; `decision` (threshold and temperature) was made on val alone.
+  `outputs` are the test split's gathered outputs with this process's images (`local_*`,
+  `steps.split_outputs`), for the image grid; `details` (best epoch, checkpoint, split sizes, ...) join the
+  metrics. Writes test_metrics.json, history.json, predictions/{val,test}.csv, training_curves.png,
+  confusion_matrix.png, roc_curve.png, calibration.png and prediction_grid.png (`grid_size` test images
+  drawn with `seed`) under `workdir`.
   """
-  result = metrics.from_logits(outputs['label'], outputs['logits'], bootstrap_samples=1000, seed=seed)
+  result = scoring.score(test.label, test.logits, test.patient_id, decision, seed=seed)
   result.update(details)
   if not write:
     return result
   workdir = Path(workdir)
   write_json(workdir / 'test_metrics.json', result)
   write_json(workdir / 'history.json', history)
-  probabilities = metrics.probabilities(outputs['logits'])[:, 1]
+  for split, table in (('val', val), ('test', test)):
+    predictions.write_csv(workdir / 'predictions' / f'{split}.csv', table, decision)
+  raw = metrics.probabilities(test.logits)[:, 1]
   plot_training_curves(history, result['best_epoch'], workdir / 'training_curves.png')
   plot_confusion_matrix(result['confusion_matrix'], workdir / 'confusion_matrix.png')
-  plot_roc_curve(outputs['label'], probabilities, workdir / 'roc_curve.png')
+  plot_roc_curve(test.label, raw, workdir / 'roc_curve.png')
+  plot_reliability_diagram(test.label, raw, scoring.calibrated_probability(test.logits, decision.temperature),
+                           workdir / 'calibration.png')
   rng = np.random.default_rng(seed)
   count = min(grid_size, len(outputs['local_label']))
   chosen = np.sort(rng.choice(len(outputs['local_label']), count, replace=False))
-  plot_prediction_grid(outputs['local_image'][chosen], outputs['local_label'][chosen],
-                       outputs['local_logits'][chosen].argmax(-1), chosen, workdir / 'prediction_grid.png')
+  predicted = metrics.predict(scoring.calibrated_probability(outputs['local_logits'][chosen], decision.temperature),
+                              decision.threshold)
+  plot_prediction_grid(outputs['local_image'][chosen], outputs['local_label'][chosen], predicted, chosen,
+                       workdir / 'prediction_grid.png')
   return result
 
 
@@ -149,6 +160,81 @@ def plot_roc_curve(labels: np.ndarray, covid_probability: np.ndarray, path: str 
   return _saved(fig, path)
 
 
+def plot_reliability_diagram(labels: np.ndarray, p_before: np.ndarray, p_after: np.ndarray,
+                             path: str | os.PathLike) -> Figure:
+  """Reliability curves of the COVID probability before and after temperature scaling, with bin counts.
+
+  Top: each non-empty bin's mean predicted probability against its COVID share (`calibration.reliability_bins`,
+  the bins the ECE uses), ECE in the legend, the diagonal as perfect calibration. Bottom: images per bin.
+  """
+  fig = Figure(figsize=(5.2, 6.4), layout='constrained')
+  curve_ax, count_ax = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+  curve_ax.plot([0, 1], [0, 1], color='gray', linestyle='--', label='perfect calibration')
+  for offset, (name, probability) in zip((-0.25, 0.25), (('before', p_before), ('after', p_after))):
+    bins = calibration.reliability_bins(labels, probability)
+    filled = bins['count'] > 0
+    ece = calibration.expected_calibration_error(labels, probability)
+    curve_ax.plot(bins['mean_probability'][filled], bins['frequency'][filled], marker='o',
+                  label=f'{name} temperature scaling (ECE {ece:.4f})')
+    width = np.diff(bins['edges'])
+    count_ax.bar(bins['edges'][:-1] + width * (0.5 + offset / 2), bins['count'], width=width / 2, label=name)
+  curve_ax.set(xlim=(0, 1), ylim=(0, 1.01), ylabel='observed COVID share', title='reliability (positive: covid)')
+  curve_ax.legend(loc='upper left', fontsize=8)
+  count_ax.set(xlabel='predicted COVID probability', ylabel='images per bin')
+  count_ax.legend(fontsize=8)
+  return _saved(fig, path)
+
+
+def plot_comparison(rows: Sequence[dict[str, Any]], metric_names: Sequence[str], path: str | os.PathLike) -> Figure:
+  """Each metric's mean per backbone (rows with '<metric>_mean'), error bars its 95% interval; the study's
+  reported figures (rows without intervals) as crosses."""
+  fig = Figure(figsize=(1.3 * len(metric_names) + 3, 4.5), layout='constrained')
+  ax = fig.subplots()
+  width = 0.8 / max(1, len(rows))
+  for i, row in enumerate(rows):
+    x, mean, low, high = [], [], [], []
+    for j, name in enumerate(metric_names):
+      if row.get(f'{name}_mean') is not None:
+        x.append(j - 0.4 + width * (i + 0.5))
+        mean.append(row[f'{name}_mean'])
+        for bound, values in (('low', low), ('high', high)):
+          value = row.get(f'{name}_ci95_{bound}')
+          values.append(mean[-1] if value is None else value)
+    if not x:
+      continue
+    errors = np.abs(np.array([low, high]) - np.array(mean))
+    reference = row.get('source') != 'this comparison'
+    ax.errorbar(x, mean, yerr=errors, fmt='x' if reference else 'o', capsize=3, label=row['backbone'],
+                markersize=7 if reference else 5)
+  ax.set_xticks(range(len(metric_names)), [name.replace('_', ' ') for name in metric_names])
+  ax.set(ylabel='test value (mean over seeds, 95% interval)', title='backbones compared')
+  ax.grid(axis='y', alpha=0.3)
+  ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1))
+  return _saved(fig, path)
+
+
+def plot_comparison_grid(images: np.ndarray, labels: Sequence[int], indices: Sequence[int],
+                         predictions: dict[str, Sequence[int]], path: str | os.PathLike, columns: int = 4) -> Figure:
+  """Test images (K, H, W, 3) 0-255 titled with their index and truth; under each, one line per model with
+  its prediction, green when right and red when wrong. `predictions` maps model name -> (K,) labels."""
+  rows = max(1, math.ceil(len(images) / columns))
+  fig = Figure(figsize=(2.8 * columns, (2.6 + 0.22 * len(predictions)) * rows), layout='constrained')
+  axes = fig.subplots(rows, columns, squeeze=False).ravel()
+  for k, (ax, image) in enumerate(zip(axes, images)):
+    pixels = np.clip(np.rint(np.asarray(image, np.float32)), 0, 255).astype(np.uint8)
+    ax.imshow(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels, cmap='gray', vmin=0, vmax=255)
+    ax.set_title(f'#{indices[k]} true: {CLASS_NAMES[labels[k]]}', fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for line, (name, predicted) in enumerate(predictions.items()):
+      right = predicted[k] == labels[k]
+      ax.text(0.5, -0.04 - 0.1 * line, f'{name}: {CLASS_NAMES[predicted[k]]}', transform=ax.transAxes,
+              ha='center', va='top', fontsize=7, color=CORRECT_COLOR if right else WRONG_COLOR)
+  for ax in axes[len(images):]:
+    ax.remove()
+  return _saved(fig, path)
+
+
 def plot_prediction_grid(images: np.ndarray,
                          labels: Sequence[int],
                          predictions: Sequence[int],
@@ -179,21 +265,50 @@ def plot_prediction_grid(images: np.ndarray,
 
 
 def print_metrics_table(metrics: dict[str, Any], title: str = 'metrics') -> str:
-  """`classification_metrics` output as a short console table; returns the text (log or print it)."""
+  """`classification_metrics` or `scoring.score` output as a short console table; returns the text (log or print it).
+
+  With `score`'s keys it also shows the threshold rule, the intervals' method, the majority-class baseline
+  and the calibration.
+  """
   intervals = metrics.get('ci95', {})
-  lines = [f'{title} (n={metrics["num_examples"]}, threshold {metrics["threshold"]:g}, positive: covid)']
-  for key, label in _TABLE_ROWS:
+  lines = [f'{title} (n={metrics["num_examples"]}, threshold {metrics["threshold"]:.4g}{_rule_text(metrics)}, '
+           'positive: covid)']
+  for key, label in (row for row in _TABLE_ROWS if row[0] in metrics):
     value = metrics[key]
     text = 'undefined (one class)' if value is None else f'{value:.4f}'
     if intervals.get(key):
-      text += f'  95% CI [{intervals[key][0]:.4f}, {intervals[key][1]:.4f}]'
+      text += f'  95% CI {_interval_text(intervals[key])}'
     lines.append(f'  {label:<22}{text}')
+  if 'majority_baseline' in metrics:
+    baseline = metrics['majority_baseline']
+    lines.append(f'  {"majority baseline":<22}{baseline["accuracy"]:.4f}  95% CI {_interval_text(baseline["ci95"])}'
+                 f'  (accuracy of always predicting {baseline["class"]})')
+  if 'calibration' in metrics:
+    c = metrics['calibration']
+    lines.append(f'  {"calibration":<22}ECE {c["ece_before"]:.4f} -> {c["ece_after"]:.4f}, Brier '
+                 f'{c["brier_before"]:.4f} -> {c["brier_after"]:.4f} (temperature {c["temperature"]:.3f}, '
+                 f'fitted on {c["fitted_on"]})')
+  if 'interval_method' in metrics:
+    lines.append(f'  intervals: {metrics["interval_method"]}')
   width = max(len(name) for name in CLASS_NAMES) + 2
   lines.append('  confusion matrix (rows true, columns predicted)')
   lines.append('  ' + ' ' * width + ''.join(f'{name:>{width}}' for name in CLASS_NAMES))
   for name, row in zip(CLASS_NAMES, metrics['confusion_matrix']):
     lines.append(f'  {name:<{width}}' + ''.join(f'{count:>{width}}' for count in row))
   return '\n'.join(lines)
+
+
+def _rule_text(metrics: dict[str, Any]) -> str:
+  """', rule[ target], chosen on val' from `score`'s decision; '' without one."""
+  decision = metrics.get('decision')
+  if not decision:
+    return ''
+  target = f' {decision["target"]:g}' if decision.get('target') is not None else ''
+  return f' by {decision["rule"]}{target}, chosen on {decision.get("chosen_on", "val")}'
+
+
+def _interval_text(interval: Sequence[float] | None) -> str:
+  return 'undefined' if interval is None else f'[{interval[0]:.4f}, {interval[1]:.4f}]'
 
 
 def _saved(fig: Figure, path: str | os.PathLike) -> Figure:
@@ -223,3 +338,31 @@ def _non_finite(obj: Any, where: str) -> Iterator[tuple[str, float]]:
       yield from _non_finite(value, f'{where}[{i}]')
   elif isinstance(obj, float) and not math.isfinite(obj):
     yield where, obj
+
+
+def plot_gradcam_grid(images: np.ndarray, heatmaps: np.ndarray, labels: Sequence[int], predictions: Sequence[int],
+                      indices: Sequence[int], path: str | os.PathLike, columns: int = 4) -> Figure:
+  """Each image beside its Grad-CAM map of the COVID logit (jet over the radiograph), titled with its test
+  index, prediction and truth: green when right, red when wrong.
+
+  `images` (K, H, W, 3) 0-255, `heatmaps` (K, H, W) in [0, 1], and the rest are aligned: one entry per example.
+  """
+  if not len(images) == len(heatmaps) == len(labels) == len(predictions) == len(indices):
+    raise ValueError(f'images, heatmaps, labels, predictions and indices differ in length: {len(images)}, '
+                     f'{len(heatmaps)}, {len(labels)}, {len(predictions)}, {len(indices)}')
+  rows = max(1, math.ceil(len(images) / columns))
+  fig = Figure(figsize=(4.4 * columns, 2.5 * rows), layout='constrained')
+  axes = fig.subplots(rows, 2 * columns, squeeze=False).reshape(-1, 2)
+  for (plain, mapped), image, heatmap, label, prediction, index in zip(axes, images, heatmaps, labels, predictions,
+                                                                        indices):
+    gray = np.asarray(image, np.float32).mean(axis=-1)
+    for ax in (plain, mapped):
+      ax.imshow(gray, cmap='gray', vmin=0, vmax=255)
+      ax.set_xticks([])
+      ax.set_yticks([])
+    mapped.imshow(heatmap, cmap='jet', vmin=0.0, vmax=1.0, alpha=0.45)
+    plain.set_title(f'#{index} pred: {CLASS_NAMES[prediction]} / true: {CLASS_NAMES[label]}', fontsize=8, loc='left',
+                    color=CORRECT_COLOR if prediction == label else WRONG_COLOR)
+  for ax in axes[len(images):].ravel():
+    ax.remove()
+  return _saved(fig, path)

@@ -20,10 +20,11 @@ import tensorflow as tf
 from absl import logging
 from tqdm import tqdm
 
-from covid_jax import checkpoints, input_pipeline, metrics, model_init, reporting, runtime, state, steps, workdir_checks
+from covid_jax import (checkpoints, head_features, input_pipeline, metrics, model_init, predictions, reporting,
+                       run_report, runtime, scoring, state, steps, workdir_checks)
 from covid_jax.config_checks import ConfigError, validate_config
 from covid_jax.port import store
-from covid_jax.progress import EarlyStopping, Progress
+from covid_jax.progress import Progress
 
 SPLITS = ('train', 'val', 'test')
 
@@ -42,11 +43,14 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     validate_config(config)
+    self.cache_head_features = head_features.enabled(config)
     self.config, self.workdir = config, workdir
     self.is_writer = jax.process_index() == 0
     self.mesh = input_pipeline.data_mesh()
     size = config.model.image_size
     self.readers = {split: input_pipeline.SplitReader(config.data_dir, split, size, self.mesh) for split in SPLITS}
+    # What the current phase's steps read, by split: the readers, or phase 'head''s cached features (phase_steps).
+    self.inputs: dict[str, Any] = self.readers
     self.steps_per_epoch = self.readers['train'].steps_per_epoch(config.batch_size)
     if self.steps_per_epoch == 0:
       raise ConfigError(f'batch_size {config.batch_size} exceeds the {self.readers["train"].num_examples} training '
@@ -65,6 +69,16 @@ class Trainer:
 
   def compile_steps(self, phase: state.Phase) -> tuple[steps.TrainStep, Callable]:
     return steps.compile_steps(self.mesh, phase, self.config, self.formulations.separate_update)
+
+  def phase_steps(self, phase: state.Phase, train_state: state.TrainState) -> tuple[steps.TrainStep, Callable]:
+    """The phase's compiled (train step, eval step); sets `inputs` to what they read. Phase 'head' reads the
+    backbone's pooled features when head_features.cache says so, computed from `train_state` on first use."""
+    if phase.trainable == state.Trainable.HEAD and self.cache_head_features:
+      self.inputs = head_features.load_or_extract(self.config, self.workdir, self.model.dtype, self.readers,
+                                                  train_state, show_progress=self.is_writer)
+      return steps.compile_head_steps(self.mesh, self.config, self.formulations.separate_update)
+    self.inputs = self.readers
+    return self.compile_steps(phase)
 
   @functools.cached_property
   def layer_order(self) -> list[str]:
@@ -150,7 +164,7 @@ def _start_or_resume(trainer: Trainer) -> tuple[state.TrainState, Progress]:
   saved = run.saved(source)
   workdir_checks.check_same_run(saved['run'], run.record, where=os.path.join(run.root, source, str(run.step(source))))
   progress = Progress.from_json(saved['progress'])
-  run.complete_best(progress.early_stopping.get('best_epoch'))
+  run.complete_best(progress.best_epoch)
   train_state = trainer.restore(source, progress.phase)
   logging.info('Resuming from epoch %d (phase %s) of the %s checkpoint.', progress.epoch,
                trainer.phases[progress.phase].name, source)
@@ -159,8 +173,6 @@ def _start_or_resume(trainer: Trainer) -> tuple[state.TrainState, Progress]:
 
 def _train(trainer: Trainer, train_state: state.TrainState, progress: Progress) -> None:
   config = trainer.config
-  stopper = EarlyStopping(config.early_stopping.metric, config.early_stopping.patience,
-                          config.early_stopping.min_delta, **progress.early_stopping)
   # Judged against the current config, so a resumed run may be given more epochs.
   saved_phase_done = progress.phase_done(trainer.phases[progress.phase].num_epochs)
   for phase_index in range(progress.phase + saved_phase_done, len(trainer.phases)):
@@ -169,9 +181,11 @@ def _train(trainer: Trainer, train_state: state.TrainState, progress: Progress) 
       variables = {'params': train_state.params, 'batch_stats': train_state.batch_stats}
       train_state = steps.replicate(trainer.new_state(variables, phase_index, step=int(train_state.step)),
                                     trainer.mesh)
-      stopper.start_phase()
-      progress.start_phase(phase_index)
-    train_fn, eval_fn = trainer.compile_steps(phase)
+      # Early stopping on the same metric goes on from the best value so far; on another, it starts afresh.
+      same_metric = phase.stopping.metric == trainer.phases[progress.phase].stopping.metric
+      progress.start_phase(phase_index, keep_best=same_metric)
+    rules = state.phase_rules(phase, config, progress)
+    train_fn, eval_fn = trainer.phase_steps(phase, train_state)
     schedule = state.make_schedule(phase, trainer.steps_per_epoch)
     bar = tqdm(range(progress.phase_epoch, phase.num_epochs), desc=f'phase {phase.name}', unit='epoch',
                disable=not trainer.is_writer, initial=progress.phase_epoch, total=phase.num_epochs)
@@ -179,21 +193,26 @@ def _train(trainer: Trainer, train_state: state.TrainState, progress: Progress) 
       epoch = progress.epoch + 1
       started = time.time()
       train_state, train_scores = _train_epoch(trainer, train_fn, train_state, epoch)
-      val = metrics.split_metrics(steps.split_outputs(eval_fn, train_state, trainer.readers['val'],
+      val = metrics.split_metrics(steps.split_outputs(eval_fn, train_state, trainer.inputs['val'],
                                                       config.eval_batch_size), config.label_smoothing, 'val')
-      improved = stopper.update(val[config.early_stopping.metric], epoch)
-      record = {'epoch': epoch, 'phase': phase.name, **train_scores, **val,
-                'learning_rate': float(schedule((phase_epoch + 1) * trainer.steps_per_epoch - 1)),
+      # The rate this epoch ended with: the plateau rule's, or the schedule's at the epoch's last step.
+      learning_rate = (rules.plateau.learning_rate if rules.plateau is not None
+                       else float(schedule((phase_epoch + 1) * trainer.steps_per_epoch - 1)))
+      improved = rules.update(val, epoch)
+      if rules.plateau is not None:  # Set before the save, so a resumed run takes the same rate.
+        train_state = state.with_learning_rate(train_state, rules.plateau.learning_rate)
+      record = {'epoch': epoch, 'phase': phase.name, **train_scores, **val, 'learning_rate': learning_rate,
                 'seconds': time.time() - started,
                 # This process's, so far: the kept host memory (covid_jax/runtime.py) can grow when the heap fragments.
                 'peak_host_memory_gib': runtime.peak_resident_bytes() / 2**30}
-      progress.end_epoch(record, stopper)
+      progress.end_epoch(record, rules)
       trainer.checkpoints.save(epoch, _savable(train_state), progress.to_json(), is_best=improved)
       trainer.log_scalars({k: v for k, v in record.items() if isinstance(v, float)}, int(train_state.step))
       bar.set_postfix(loss=f'{record["train_loss"]:.3f}', val_acc=f'{val["val_accuracy"]:.3f}',
-                      best=stopper.best_epoch)
-      if stopper.should_stop:
-        logging.info('Early stopping phase %s at epoch %d (best epoch %d).', phase.name, epoch, stopper.best_epoch)
+                      best=rules.best.best_epoch)
+      if rules.stopper.should_stop:
+        logging.info('Early stopping phase %s at epoch %d on %s (best epoch %d).', phase.name, epoch,
+                     rules.stopper.metric, rules.best.best_epoch)
         break
 
 
@@ -204,7 +223,7 @@ def _train_epoch(trainer: Trainer, train_fn: Callable, train_state: state.TrainS
   key = jax.random.fold_in(jax.random.key(config.seed), epoch)
   losses, accuracies = [], []
   step0 = int(train_state.step)
-  batches = trainer.readers['train'].train_epoch(config.batch_size, epoch, config.seed, flip=config.augment.flip,
+  batches = trainer.inputs['train'].train_epoch(config.batch_size, epoch, config.seed, flip=config.augment.flip,
                                                  contrast=config.augment.contrast)
   every = config.log_every_steps
   for i, batch in enumerate(batches):
@@ -240,8 +259,11 @@ def _final_report(trainer: Trainer) -> dict[str, Any]:
   # The best checkpoint's progress is as of that epoch; its phase tells which optimiser state it holds.
   train_state = trainer.restore(source, chosen['phase'])
   _, eval_fn = trainer.compile_steps(trainer.phases[chosen['phase']])
-  outputs = steps.split_outputs(eval_fn, train_state, trainer.readers['test'], config.eval_batch_size,
-                                keep_images=True)
+  outputs = {split: steps.split_outputs(eval_fn, train_state, trainer.readers[split], config.eval_batch_size,
+                                        keep_images=split == 'test') for split in ('val', 'test')}
+  val, test = (predictions.from_outputs(outputs[split], config.data_dir, split) for split in ('val', 'test'))
+  # Threshold and temperature from val alone: the test labels cannot move them.
+  decision = scoring.decide_on_val(val.label, val.logits, config.threshold.rule, config.threshold.target)
   details = {
       'best_epoch': chosen['epoch'],
       'checkpoint': source,
@@ -249,5 +271,8 @@ def _final_report(trainer: Trainer) -> dict[str, Any]:
       'split_sizes': {split: reader.num_examples for split, reader in trainer.readers.items()},
       'model': config.model.name,
   }
-  return reporting.final_report(trainer.workdir, outputs, last['history'], details, seed=config.seed,
-                                grid_size=config.prediction_grid_size, write=trainer.is_writer)
+  result = reporting.final_report(trainer.workdir, outputs['test'], val, test, decision, last['history'], details,
+                                  seed=config.seed, grid_size=config.prediction_grid_size, write=trainer.is_writer)
+  if trainer.is_writer:
+    run_report.write(trainer.workdir, config, result)
+  return result

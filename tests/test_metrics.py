@@ -24,6 +24,9 @@ EXPECTED = {
     # Positive-negative pairs ranked right: 0.9 and 0.8 beat all 4 negatives,
     # 0.6, 0.55 and 0.45 beat 3, 0.3 beats 2: 19 of 24.
     'roc_auc': 19 / 24,
+    # Average precision: precision at each COVID example from the top (0.9, 0.8, 0.6, 0.55, 0.45, 0.3),
+    # each adding 1/6 of recall.
+    'pr_auc': (1 / 1 + 2 / 2 + 3 / 4 + 4 / 5 + 5 / 6 + 6 / 8) / 6,
 }
 EXPECTED_PER_CLASS = {
     # non-COVID as the positive class: TP' = TN = 3, FP' = FN = 2, FN' = FP = 1.
@@ -64,7 +67,7 @@ def test_matches_sklearn():
 
 
 @pytest.mark.parametrize('decimals', (None, 1))  # Distinct scores, and scores with many ties.
-def test_roc_auc_and_bootstrap_accuracy_match_sklearn(decimals):
+def test_roc_auc_and_pr_auc_match_sklearn(decimals):
   rng = np.random.default_rng(5)
   for size in (2, 7, 60, 500):
     labels = rng.integers(0, 2, size)
@@ -74,8 +77,8 @@ def test_roc_auc_and_bootstrap_accuracy_match_sklearn(decimals):
       covid_probability = covid_probability.round(decimals)
     assert metrics.roc_auc(labels, covid_probability) == pytest.approx(
         sk.roc_auc_score(labels, covid_probability), rel=1e-12, abs=1e-15)
-    assert metrics.accuracy_at(0.5)(labels, covid_probability) == sk.accuracy_score(
-        labels, (covid_probability > 0.5).astype(int))
+    assert metrics.pr_auc(labels, covid_probability) == pytest.approx(
+        sk.average_precision_score(labels, covid_probability), rel=1e-12)
 
 
 def test_class_names_are_not_swapped():
@@ -123,16 +126,16 @@ def test_zero_division_is_zero():
 @pytest.mark.parametrize('label', [0, 1])
 def test_single_class(label):
   labels = np.full(5, label)
-  got = metrics.classification_metrics(labels, np.array([0.1, 0.9, 0.8, 0.3, 0.7]), bootstrap_samples=20)
-  assert got['roc_auc'] is None and got['ci95']['roc_auc'] is None
+  got = metrics.classification_metrics(labels, np.array([0.1, 0.9, 0.8, 0.3, 0.7]))
+  assert got['roc_auc'] is None
+  assert got['pr_auc'] == (None if label == 0 else 1.0)  # Without COVID examples, precision is undefined.
   assert got['accuracy'] == pytest.approx(2 / 5 if label == 0 else 3 / 5)
   assert json.loads(json.dumps(got, allow_nan=False)) == got
   assert sum(map(sum, got['confusion_matrix'])) == 5
 
 
 def test_result_is_plain_json():
-  got = metrics.from_logits(LABELS.astype(np.int32), _logits_of(COVID_PROBABILITY).astype(np.float32),
-                            bootstrap_samples=50)
+  got = metrics.from_logits(LABELS.astype(np.int32), _logits_of(COVID_PROBABILITY).astype(np.float32))
   assert json.loads(json.dumps(got, allow_nan=False)) == got
 
 
@@ -167,42 +170,3 @@ def test_rejects_bad_input(labels, probability):
 def test_probabilities_rejects_other_shapes():
   with pytest.raises(ValueError, match=r'\(N, 2\)'):
     metrics.probabilities(np.zeros((4, 3)))
-
-
-def _accuracy_fixture(n: int = 600, accuracy: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
-  """n examples, exactly `accuracy` of them right at threshold 0.5."""
-  labels = np.arange(n) % 2
-  correct = np.arange(n) < int(n * accuracy)
-  return labels, np.where(correct == (labels == 1), 0.8, 0.2)
-
-
-def test_bootstrap_accuracy_interval_matches_binomial_width():
-  labels, covid_probability = _accuracy_fixture()
-  low, high = metrics.bootstrap_ci(labels, covid_probability, metrics.accuracy_at(0.5), n=1000, seed=0)
-  # The normal approximation of the binomial: 95% half-width 1.96 * sqrt(p (1 - p) / n).
-  half_width = 1.96 * np.sqrt(0.9 * 0.1 / 600)
-  assert low < 0.9 < high
-  assert high - low == pytest.approx(2 * half_width, rel=0.15)
-  assert (low + high) / 2 == pytest.approx(0.9, abs=0.005)
-
-
-def test_bootstrap_is_deterministic_and_contains_the_estimate():
-  rng = np.random.default_rng(1)
-  labels = rng.integers(0, 2, 120)
-  covid_probability = np.clip(0.4 * labels + rng.uniform(0, 0.6, 120), 0, 1)
-  point = metrics.roc_auc(labels, covid_probability)
-  first = metrics.bootstrap_ci(labels, covid_probability, metrics.roc_auc, n=200, seed=3)
-  assert first == metrics.bootstrap_ci(labels, covid_probability, metrics.roc_auc, n=200, seed=3)
-  assert first != metrics.bootstrap_ci(labels, covid_probability, metrics.roc_auc, n=200, seed=4)
-  assert first[0] < point < first[1]
-  got = metrics.classification_metrics(labels, covid_probability, bootstrap_samples=200, seed=3)
-  assert got['ci95']['roc_auc'] == first
-  assert got['ci95']['accuracy'][0] < got['accuracy'] < got['ci95']['accuracy'][1]
-
-
-def test_bootstrap_skips_undefined_resamples():
-  # One positive in 10: about a third of resamples miss it and have no AUC.
-  labels = np.array([1] + [0] * 9)
-  covid_probability = np.linspace(0.9, 0.0, 10)
-  assert metrics.bootstrap_ci(labels, covid_probability, metrics.roc_auc, n=100) == [1.0, 1.0]
-  assert metrics.bootstrap_ci(np.zeros(10, int), covid_probability, metrics.roc_auc, n=100) is None

@@ -12,7 +12,7 @@ import pytest
 from covid_jax import study
 from tests import runs
 
-# Two tiny models that differ in their pooling, as two "backbones".
+# Two tiny models that differ in their head, as two "backbones".
 _TINY_CONFIG = '''
 from configs import demo
 from tests import runs
@@ -20,17 +20,23 @@ from tests import runs
 
 def get_config():
   config = demo.get_config()
-  config.update_from_flattened_dict({{**runs.TINY, 'num_epochs': 2, 'model.pooling': '{pooling}'}})
+  config.update_from_flattened_dict({{**runs.TINY, 'num_epochs': 2, 'model.head.dims': ({width},)}})
   return config
 '''
 
 
 def _configs(folder: Path) -> list[Path]:
   paths = []
-  for name, pooling in (('tiny_avg', 'avg'), ('tiny_max', 'max')):
-    paths.append(folder / f'{name}.py')
-    paths[-1].write_text(_TINY_CONFIG.format(pooling=pooling))
+  for width in (16, 8):
+    paths.append(folder / f'tiny_{width}.py')
+    paths[-1].write_text(_TINY_CONFIG.format(width=width))
   return paths
+
+
+def _run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+  done = subprocess.run(command, cwd=runs.ROOT, env=env, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done
 
 
 def _study_command(workdir: Path, configs: list[Path], data_dir: Path, *extra: str) -> list[str]:
@@ -40,7 +46,7 @@ def _study_command(workdir: Path, configs: list[Path], data_dir: Path, *extra: s
 
 def test_arguments_are_checked_before_anything_runs(tmp_path, capsys):
   config = tmp_path / 'a.py'
-  config.write_text(_TINY_CONFIG.format(pooling='avg'))
+  config.write_text(_TINY_CONFIG.format(width=16))
   for argv, phrase in (([f'--configs={tmp_path}/missing.py'], 'config file(s) not found'),
                        ([f'--configs={config}', '--seeds=0,one'], 'comma-separated integers'),
                        ([f'--configs={config}', '--config_seed=1'], 'unrecognised arguments')):
@@ -64,21 +70,20 @@ def test_a_study_killed_mid_run_finishes_with_the_same_comparison(built_dataset,
   configs = _configs(tmp_path)
   env = runs.main_args(tmp_path)['env']
   whole = tmp_path / 'whole'
-  subprocess.run(_study_command(whole, configs, data_dir), cwd=runs.ROOT, env=env, check=True, capture_output=True)
+  _run(_study_command(whole, configs, data_dir), env)
 
   interrupted = tmp_path / 'interrupted'
   command = _study_command(interrupted, configs, data_dir)
   process = subprocess.Popen(command, cwd=runs.ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
-  latest = interrupted / 'tiny_avg' / 'seed_0' / 'checkpoints' / 'latest'
+  latest = interrupted / 'tiny_16' / 'seed_0' / 'checkpoints' / 'latest'
   while not (latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir())):
     assert process.poll() is None, 'the study ended before its first checkpoint'
     time.sleep(0.05)
   os.killpg(process.pid, signal.SIGKILL)  # The study and the run it started.
   process.wait()
-  assert not (interrupted / 'tiny_avg' / 'seed_0' / 'test_metrics.json').exists()
-  resumed = subprocess.run(command, cwd=runs.ROOT, env=env, check=True, capture_output=True, text=True)
-  assert 'Resuming from epoch 1' in resumed.stderr
-  again = subprocess.run(command, cwd=runs.ROOT, env=env, check=True, capture_output=True, text=True)
+  assert not (interrupted / 'tiny_16' / 'seed_0' / 'test_metrics.json').exists()
+  assert 'Resuming from epoch 1' in _run(command, env).stderr
+  again = _run(command, env)
   assert again.stdout.count('finished, skipped') == 2
   assert (interrupted / 'comparison.csv').read_text() == (whole / 'comparison.csv').read_text()
