@@ -4,7 +4,7 @@ import jax
 import ml_collections
 
 from covid_jax import models
-from covid_jax.model_init import DTYPES, FORMULATION_KEYS
+from covid_jax.model_init import DTYPE_SETTINGS, FORMULATION_KEYS
 from covid_jax.models import formulations
 from covid_jax.progress import MONITORED
 from covid_jax.state import OPTIMIZERS
@@ -24,7 +24,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   checks = [
       (spec is not None, f'model.name {name!r}: one of {sorted(models.BACKBONES)}'),
       (config.model.pooling in POOLINGS, f'model.pooling {config.model.pooling!r}: {"|".join(POOLINGS)}'),
-      (config.dtype in DTYPES, f'dtype {config.dtype!r}: one of {sorted(DTYPES)}'),
+      (config.dtype in DTYPE_SETTINGS, f'dtype {config.dtype!r}: one of {DTYPE_SETTINGS}'),
       (config.optimizer in OPTIMIZERS, f'optimizer {config.optimizer!r}: one of {OPTIMIZERS}'),
       (config.early_stopping.metric in MONITORED,
        f'early_stopping.metric {config.early_stopping.metric!r}: one of {sorted(MONITORED)}'),

@@ -1,6 +1,7 @@
 """Entry point: `python -m covid_jax.main --config=configs/nasnet.py --workdir=RUN [--config.key=value ...]`."""
 
 import jax
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -26,8 +27,10 @@ def main(argv: list[str]) -> None:
   given = [name for name in _CLUSTER_FLAGS if FLAGS[name].value is not None]
   if given and (not FLAGS.multihost or len(given) != len(_CLUSTER_FLAGS)):
     raise app.UsageError(f'--{", --".join(_CLUSTER_FLAGS)} go together, with --multihost (given: {given})')
+  config = FLAGS.config
   # Before the backend starts (the device queries below) and before TensorFlow loads.
-  runtime.configure(FLAGS.config)
+  expected = runtime.expected_platform(jax.config.jax_platforms)
+  runtime.configure(config, expected)
   with runtime.quiet_tensorflow_import():
     import tensorflow as tf
     from covid_jax import reporting, train
@@ -37,9 +40,11 @@ def main(argv: list[str]) -> None:
     jax.distributed.initialize(*(FLAGS[name].value for name in _CLUSTER_FLAGS))
   logging.info('JAX process %d of %d; local devices: %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
-  logging.info('Global devices: %d x %s', jax.device_count(), jax.devices()[0].platform)
+  device = jax.devices()[0]
+  logging.info('Global devices: %d x %s', jax.device_count(), device.platform)
+  _settle_backend(config, expected, device)
   try:
-    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    result = train.train_and_evaluate(config, FLAGS.workdir)
   except train.USER_ERRORS as e:
     raise SystemExit(f'error: {e}') from None
   if jax.process_index() == 0:
@@ -48,8 +53,18 @@ def main(argv: list[str]) -> None:
           'roc_curve.png, prediction_grid.png, tensorboard/)')
 
 
+def _settle_backend(config: ml_collections.ConfigDict, expected: str, device: jax.Device) -> None:
+  """Resolves the config's 'auto' keys for the devices' platform and logs the backend's choices once."""
+  from covid_jax import model_init  # Loaded already, with train, after TensorFlow's quiet import.
+  if (expected == 'cpu') != (device.platform == 'cpu'):
+    logging.warning('freed host memory was %s expecting %s, but JAX runs on %s: set '
+                    '--config.retain_freed_host_memory to choose', 'kept' if config.retain_freed_host_memory
+                    else 'returned', expected, device.platform)
+  runtime.apply_backend_defaults(config, device.platform)
+  chosen = model_init.choose_formulations(config, device.platform)
+  logging.info(runtime.backend_summary(config, device.platform, device.device_kind, chosen))
+
+
 if __name__ == '__main__':
-  # glibc reads its malloc settings when a process starts: restart with them before the heavy imports in main.
-  runtime.relaunch_with_thread_caches()
   jax.config.config_with_absl()
   app.run(main)

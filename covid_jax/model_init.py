@@ -20,6 +20,8 @@ from covid_jax.port import store
 from covid_jax.input_pipeline import AXIS
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# config.dtype's values: a dtype, or 'auto' (the backend's, `runtime.compute_dtype`).
+DTYPE_SETTINGS = ('auto', *DTYPES)
 # config.formulations keys that force one op's formulation (None keeps the backend's): one per field.
 FORMULATION_KEYS = tuple(formulations.ALLOWED)
 
@@ -42,8 +44,9 @@ def backbone_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def create_model(config: ml_collections.ConfigDict,
                  chosen: formulations.Formulations | None = None) -> Classifier:
-  """The classifier; `chosen` formulations default to those of the default backend under the config."""
-  dtype = DTYPES[config.dtype]
+  """The classifier; `chosen` formulations, and the dtype where config.dtype is 'auto', default to those of the
+  default backend under the config (`covid_jax.main` resolves 'auto' for the run's devices before this)."""
+  dtype = DTYPES[runtime.compute_dtype(config.dtype, jax.default_backend())]
   chosen = chosen or choose_formulations(config, jax.default_backend())
   backbone = models.create_backbone(config.model.name, formulations=chosen, dtype=dtype, axis_name=AXIS,
                                     **backbone_args(config))

@@ -1,6 +1,6 @@
 """Process settings for the backend: host memory, garbage collection while compiling, compile options, logs.
 
-`covid_jax.main` applies them (`relaunch_with_thread_caches`, then `configure`);
+`covid_jax.main` applies them (`configure`, which relaunches the process where it keeps freed memory);
 training code only marks the work that traces and compiles (`tracing`) and
 compiles run-once programs through `compile_and_run_once`. The settings that
 exist for the CPU apply on the CPU only. Why each exists, with its figures:
@@ -22,16 +22,29 @@ benchmarks/BENCHMARKS.md, "Process settings".
   random-number kernels dominate, and -O1 compiles them faster to bit-identical
   values.
 
-This module imports no JAX at load time: the entry point calls
-`relaunch_with_thread_caches` before the heavy imports.
+This module is also the one place that decides what depends on the backend
+beyond the op formulations (`covid_jax.models.formulations`): whether freed
+host memory is kept (`retain_freed_host_memory`: None = on the CPU only), the
+compute dtype (`dtype='auto'`: bfloat16 on a GPU or TPU, float32 on the CPU)
+and each program's compiler options (`compiler_options`). The host-memory
+choice is made before JAX starts its backend, from the platform JAX will pick
+(`expected_platform`); the rest once the devices are known
+(`apply_backend_defaults`), and the run's config then holds the values used.
+
+This module imports no JAX at load time: the entry point calls `configure`
+before the heavy imports and before JAX starts its backend.
 """
 
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import gc
+import importlib.metadata
+import importlib.util
 import logging
 import os
+import pkgutil
 import platform
 import re
 import resource
@@ -56,8 +69,24 @@ _gc_lock = threading.Lock()
 _gc_depth = 0  # `full_collections_deferred` blocks open now, in any thread.
 _gc_saved_threshold = 0  # Generation 2's threshold before the first of them opened.
 
-# XLA:CPU options for programs that run once (see the module docstring); -O0 would change their values.
-RUN_ONCE_CPU_OPTIONS = {'xla_backend_optimization_level': 1}
+# XLA options per (platform, program), and the backbones they apply to (None: every backbone). Programs:
+# 'run_once' (an init), 'train_step', 'eval_step'.
+# - XLA:CPU, run-once programs: LLVM at -O1 (see the module docstring); -O0 would change their values.
+# - XLA:GPU, NASNet's steps: XLA 0.11.2 aborted compiling them on an H200 and an H100 (a Triton GEMM tiling check,
+#   `triton_tiling_propagation.cc`, 784 vs. 56 on the 28x28 maps) unless Triton's GEMM fusion was off
+#   (benchmarks/BENCHMARKS.md); cuBLAS then runs those matmuls.
+NASNETS = ('nasnet', 'nasnet_large', 'nasnet_mobile')
+PROGRAM_OPTIONS: tuple[tuple[str, str, tuple[str, ...] | None, dict[str, Any]], ...] = (
+    ('cpu', 'run_once', None, {'xla_backend_optimization_level': 1}),
+    ('gpu', 'train_step', NASNETS, {'xla_gpu_enable_triton_gemm': False}),
+    ('gpu', 'eval_step', NASNETS, {'xla_gpu_enable_triton_gemm': False}),
+)
+PROGRAMS = ('run_once', 'train_step', 'eval_step')
+PLATFORMS = ('cpu', 'gpu', 'tpu')
+# config.dtype 'auto': the study's mixed precision (bfloat16 compute) on accelerators, float32 on the CPU.
+AUTO_DTYPE = {'cpu': 'float32', 'gpu': 'bfloat16', 'tpu': 'bfloat16'}
+# What jax_platforms may name, as the platform the models see (JAX's 'cuda' and 'rocm' run as 'gpu').
+_PLATFORM_NAMES = {'cpu': 'cpu', 'gpu': 'gpu', 'cuda': 'gpu', 'rocm': 'gpu', 'tpu': 'tpu'}
 
 # Libraries whose INFO lines bury the run's own log (absl records, matched by source path).
 _CHATTY_LIBRARIES = ('/orbax/', '/tensorflow_datasets/', '/tensorflow/', '/jax/_src/')
@@ -146,8 +175,73 @@ def tracing() -> contextlib.AbstractContextManager[None]:
 def compile_and_run_once(fn: Callable[[], Any]) -> Any:
   """`jax.jit(fn)()` for code that runs once, such as an init, compiled for a short compile on the CPU."""
   import jax  # Imported on use: the entry point loads this module before JAX.
-  options = RUN_ONCE_CPU_OPTIONS if jax.default_backend() == 'cpu' else None
+  options = compiler_options('run_once', jax.default_backend())
   return jax.jit(fn).trace().lower().compile(compiler_options=options)()
+
+
+def compiler_options(program: str, platform: str, model_name: str = '') -> dict[str, Any] | None:
+  """XLA options for one program (`PROGRAMS`) of `model_name` on `platform`, from PROGRAM_OPTIONS; None if none.
+
+  Pass them to `jax.jit(...).lower(...).compile(compiler_options=...)` or `jax.jit(..., compiler_options=...)`:
+  they reach that program alone, never the process's other programs.
+  """
+  if program not in PROGRAMS:
+    raise ValueError(f'Unknown program {program!r}; known: {PROGRAMS}')
+  chosen = {}
+  for where, which, backbones, options in PROGRAM_OPTIONS:
+    if where == platform and which == program and (backbones is None or model_name in backbones):
+      chosen.update(options)
+  return chosen or None
+
+
+def accelerator_plugins() -> list[str]:
+  """The GPU/TPU plugins JAX would load, found as JAX finds them (the `jax_plugins` package and entry points,
+  and libtpu) without importing any."""
+  found = set()
+  spec = importlib.util.find_spec('jax_plugins')
+  if spec is not None and spec.submodule_search_locations:
+    found.update(f'jax_plugins.{module.name}' for module in pkgutil.iter_modules(spec.submodule_search_locations))
+  found.update(entry.value for entry in importlib.metadata.entry_points(group='jax_plugins'))
+  if importlib.util.find_spec('libtpu') is not None:
+    found.add('libtpu')
+  return sorted(found)
+
+
+def expected_platform(jax_platforms: str | None, plugins: list[str] | None = None) -> str:
+  """The platform JAX will run on, judged before its backend starts: the first of `jax_platforms` (JAX's
+  setting, e.g. from JAX_PLATFORMS) when set, else 'accelerator' where a GPU/TPU plugin is installed, else 'cpu'.
+
+  An installed plugin does not prove a device: `apply_backend_defaults` logs where the guess was wrong.
+  """
+  if jax_platforms:
+    first = jax_platforms.split(',')[0].strip().lower()
+    return _PLATFORM_NAMES.get(first, 'accelerator')
+  return 'accelerator' if (accelerator_plugins() if plugins is None else plugins) else 'cpu'
+
+
+def retains_host_memory(config: Any, platform: str) -> bool:
+  """config.retain_freed_host_memory when set (True/False), else True on the CPU only: a GPU/TPU step's buffers
+  live on the device, and the setting would only slow compilation and grow the host heap there."""
+  setting = config.retain_freed_host_memory
+  return setting if setting is not None else platform == 'cpu'
+
+
+def compute_dtype(dtype: str, platform: str) -> str:
+  """`dtype` unless 'auto'; for 'auto', AUTO_DTYPE's choice for `platform` (another accelerator: bfloat16)."""
+  return dtype if dtype != 'auto' else AUTO_DTYPE.get(platform, 'bfloat16')
+
+
+def apply_backend_defaults(config: Any, platform: str) -> None:
+  """Writes the backend's choices into the config's 'auto' keys (dtype), so the run's record and config.json
+  hold the values the run uses. A resumed run on the same backend resolves to the same values."""
+  config.dtype = compute_dtype(config.dtype, platform)
+
+
+def backend_summary(config: Any, platform: str, device_kind: str, chosen: Any) -> str:
+  """One log line: backend, device kind, dtype, host-memory retention and the formulations chosen."""
+  fields = ', '.join(f'{name}={value}' for name, value in dataclasses.asdict(chosen).items())
+  return (f'Backend {platform} ({device_kind}): dtype {compute_dtype(config.dtype, platform)}, freed host memory '
+          f'{"kept" if config.retain_freed_host_memory else "returned"}, formulations {fields}')
 
 
 class _LibraryChatter(logging.Filter):
@@ -192,10 +286,18 @@ def quiet_tensorflow_import() -> Iterator[None]:
       sys.stderr.flush()
 
 
-def configure(config: Any) -> None:
-  """Applies the config's process settings; call it before the JAX backend starts (before any device query)."""
+def configure(config: Any, expected: str) -> None:
+  """Applies the config's process settings for the `expected` platform (`expected_platform`); call it before
+  the JAX backend starts (before any device query).
+
+  Where freed host memory is kept, the process first restarts itself with larger per-thread malloc caches
+  (`relaunch_with_thread_caches`; once). config.retain_freed_host_memory then holds the choice made.
+  """
   import jax
   quiet_library_logs()
+  config.retain_freed_host_memory = retains_host_memory(config, expected)
+  if config.retain_freed_host_memory:
+    relaunch_with_thread_caches()
   # Before the backend starts, so XLA's threads share the one arena.
   if config.retain_freed_host_memory and not retain_freed_memory():
     absl_logging.info('Not glibc: freed host memory goes back to the system as usual.')

@@ -1,13 +1,25 @@
-# Sourced by the scripts: creates .venv if needed, installs requirements.txt when
-# it changed since the last install, and activates the environment.
+# Sourced by the scripts: creates .venv if needed, installs the requirements of the chosen accelerator when
+# they changed since the last install, and activates the environment.
+# COVID_JAX_ACCELERATOR picks them: cpu (default) requirements.txt, cuda12 requirements-gpu.txt,
+# cuda13 requirements-gpu-cuda13.txt, tpu requirements-tpu.txt (each holds the CPU pins).
 PYTHON="${PYTHON:-python3}"
+case "${COVID_JAX_ACCELERATOR:-cpu}" in
+  cpu) requirements=requirements.txt ;;
+  cuda12) requirements=requirements-gpu.txt ;;
+  cuda13) requirements=requirements-gpu-cuda13.txt ;;
+  tpu) requirements=requirements-tpu.txt ;;
+  *)
+    echo "COVID_JAX_ACCELERATOR=${COVID_JAX_ACCELERATOR}: unknown; one of cpu, cuda12, cuda13, tpu" >&2
+    return 2 2>/dev/null || exit 2 ;;
+esac
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.requirements.sha256
-want=$(sha256sum requirements.txt | cut -d' ' -f1)
+# The CPU set's stamp is requirements.txt's digest; an accelerator's covers its file as well.
+want=$(cat requirements.txt "${requirements/#requirements.txt/}" 2>/dev/null | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  .venv/bin/python -m pip install --quiet -r requirements.txt
+  .venv/bin/python -m pip install --quiet -r "$requirements"
   echo "$want" > "$stamp"
 fi
 # shellcheck disable=SC1091
