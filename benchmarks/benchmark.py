@@ -39,10 +39,10 @@ beside the others in the same Markdown file:
   python -m benchmarks.benchmark --frameworks covid_jax,keras_jax --dtype bfloat16 \
       --section 'GPU H200 bfloat16' --json benchmarks/results/h200_bfloat16.json
 
-covid_jax runs as covid_jax.main does by default, keeping freed host memory in one
+covid_jax runs as covid_jax.main does by default on a CPU, keeping freed host memory in one
 malloc arena, with glibc's per-thread caches enlarged (covid_jax/runtime.py);
 --retain_freed_host_memory false times it as
---config.retain_freed_host_memory=False runs it (the README's advice on a GPU).
+--config.retain_freed_host_memory=False runs it (what a GPU or TPU run does by default).
 """
 
 import argparse

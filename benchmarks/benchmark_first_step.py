@@ -82,7 +82,7 @@ def main() -> None:
   config.freeze_backbone = args.freeze_backbone
   if args.retain_freed_host_memory:
     config.retain_freed_host_memory = args.retain_freed_host_memory == 'true'
-  if config.retain_freed_host_memory:  # As covid_jax.main does, before the backend starts.
+  if runtime.retains_host_memory(config, 'cpu'):  # As covid_jax.main does on a CPU, before the backend starts.
     runtime.retain_freed_memory()
   mesh = input_pipeline.data_mesh()
   chosen = model_init.choose_formulations(config, mesh.devices.flat[0].platform)  # As train.Trainer chooses them.

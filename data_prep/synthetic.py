@@ -11,6 +11,11 @@ lung opacities. Everything else (size, format, contrast, brightness, the
 image's mean intensity) is drawn independently of the label, so a model can
 only learn the label from the lungs.
 
+With `regions_file`, the generator also records where each image's opacities and lung fields are
+(`Regions`, written as JSON keyed by each file's path under the output folder): the truth a saliency map's
+placement is measured against. The file lies beside the output folder, not in it, so a build of the folder
+sees only images.
+
 Every image has its own generator, `np.random.default_rng([seed, _IMAGE, i])`
 (and every patient its own), so a set is byte-identical for a seed whatever the
 number of workers.
@@ -32,6 +37,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 from scipy import special
+
+from data_prep.regions import REGION_GRID, Regions, write_regions
 
 # Class balance of the Kaggle set: 1301 non-COVID, 1790 COVID.
 COVID_FRACTION = 1790 / 3091
@@ -60,6 +67,8 @@ _MIN_SIDE, _MAX_SIDE = 200, 600
 # hand-made files named IM-9xxx or person9xxx without clashing with a patient.
 _FREE_NUMBERS = 9000
 _RENDER_SIDE = 256
+# A pixel belongs to an opacity where the opacity adds at least this share of its full density.
+_OPACITY_LEVEL = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +212,12 @@ def _resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def attenuation(a: Anatomy, shape: tuple[int, int], rng: np.random.Generator,
                 lesion_amplitude: float) -> np.ndarray:
   """Renders the phantom (brighter = denser) with per-image jitter of position, scale and angle."""
+  return _attenuation_and_regions(a, shape, rng, lesion_amplitude)[0]
+
+
+def _attenuation_and_regions(a: Anatomy, shape: tuple[int, int], rng: np.random.Generator,
+                             lesion_amplitude: float) -> tuple[np.ndarray, dict]:
+  """`attenuation`, and the lung field, the opacities' density share (both on `shape`) and their centres."""
   h, w = shape
   half = min(h, w) / 2
   u = (np.arange(w, dtype=np.float32) - w / 2) / half
@@ -245,18 +260,33 @@ def attenuation(a: Anatomy, shape: tuple[int, int], rng: np.random.Generator,
   image = (0.05 + 0.45 * body - 0.33 * lungs * (1 - heart) + 0.02 * heart + 0.1 * mediastinum
            + 0.05 * spine + (0.08 * posterior + 0.04 * anterior) * rib_zone
            + 0.08 * clavicles * body + 0.06 * hila + 0.025 * markings)
+  regions = {'lungs': lungs, 'opacities': np.zeros(shape, np.float32), 'centers': []}
   if a.lesions:
     blobs = np.zeros(shape, np.float32)
     for lx, ly, sigma, weight in a.lesions:
       lx, ly = np.asarray([lx, ly]) + rng.normal(0.0, 0.025, 2)
       blobs += weight * np.exp(-((x - lx) ** 2 + (y - ly) ** 2) / (2 * sigma**2))
+      # Body -> image coordinates: the inverse of the rotation and zoom above, in pixels of `shape`.
+      u, v = cx + zoom * (lx * cos - ly * sin), cy + zoom * (lx * sin + ly * cos)
+      regions['centers'].append((u * half + w / 2, v * half + h / 2, sigma * zoom * half))
     patches = np.clip(1 + 0.3 * _smooth_noise(rng, shape, 16), 0.5, 1.4)
     image += lesion_amplitude * (1 - np.exp(-2.5 * blobs)) * patches * lungs * (1 - 0.5 * heart)
-  return image
+    regions['opacities'] = (1 - np.exp(-2.5 * blobs)) * lungs
+  return image, regions
+
+
+def _on_grid(values: np.ndarray, level: float) -> np.ndarray:
+  """A [0, 1] map -> the REGION_GRID mask of where it reaches `level`."""
+  return _resize(values, (REGION_GRID, REGION_GRID)) >= level
 
 
 def render(spec: ImageSpec, seed: int) -> tuple[Image.Image, str, str, int]:
-  """Draws one image; returns it with its format, extension and JPEG quality.
+  """Draws one image; returns it with its format, extension and JPEG quality."""
+  return _render(spec, seed)[:4]
+
+
+def _render(spec: ImageSpec, seed: int) -> tuple[Image.Image, str, str, int, Regions]:
+  """`render`, and the image's Regions.
 
   Acquisition settings are drawn first, in the same order for both classes, so
   they are independent of the label.
@@ -278,13 +308,15 @@ def render(spec: ImageSpec, seed: int) -> tuple[Image.Image, str, str, int]:
   a = anatomy(seed, spec.patient, spec.label)
   # Smooth anatomy is rendered at a capped size and upsampled; only the noise needs every pixel.
   scale = min(1.0, _RENDER_SIDE / max(width, height))
-  image = attenuation(a, (round(height * scale), round(width * scale)), rng, lesion_amplitude)
+  image, drawn = _attenuation_and_regions(a, (round(height * scale), round(width * scale)), rng, lesion_amplitude)
   image = ndimage.gaussian_filter(np.clip(image, 0, None) ** a.gamma, blur * scale)
   image = _resize(image, (height, width))
   # Standardise, then draw brightness and contrast: the opacities must not shift the mean.
   image = brightness + contrast * (image - image.mean()) / image.std()
   image = np.clip(image + rng.normal(0.0, noise, image.shape), 0.0, 1.0)
-  return _to_pil(image, mode), fmt, extension, quality
+  centers = tuple((x / scale, y / scale, sigma / scale) for x, y, sigma in drawn['centers'])
+  regions = Regions(_on_grid(drawn['lungs'], 0.5), _on_grid(drawn['opacities'], _OPACITY_LEVEL), centers)
+  return _to_pil(image, mode), fmt, extension, quality, regions
 
 
 def _to_pil(image: np.ndarray, mode: str) -> Image.Image:
@@ -295,19 +327,21 @@ def _to_pil(image: np.ndarray, mode: str) -> Image.Image:
   return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1) if mode == 'RGB' else gray)
 
 
-def _write(spec: ImageSpec, seed: int, output_dir: pathlib.Path) -> pathlib.Path:
+def _write(spec: ImageSpec, seed: int, output_dir: pathlib.Path) -> tuple[pathlib.Path, Regions]:
   """Renders and saves one file: the unit of work a pool worker gets."""
-  image, fmt, extension, quality = render(spec, seed)
+  image, fmt, extension, quality, regions = _render(spec, seed)
   path = output_dir / str(spec.label) / (spec.stem + extension)
   image.save(path, fmt, **({'quality': quality} if fmt == 'JPEG' else {}))
-  return path
+  return path, regions
 
 
 def generate(output_dir: str | pathlib.Path, num_images: int, seed: int,
-             covid_fraction: float = COVID_FRACTION, workers: int = 1) -> list[pathlib.Path]:
+             covid_fraction: float = COVID_FRACTION, workers: int = 1,
+             regions_file: str | pathlib.Path | None = None) -> list[pathlib.Path]:
   """Writes the set under `output_dir/{0,1}/` and returns the paths in plan order.
 
-  Refuses a non-empty class folder: mixing two sets would mix their patients.
+  With `regions_file`, writes there each image's Regions (`regions.read_regions` reads them). Refuses a non-empty
+  class folder: mixing two sets would mix their patients.
   """
   output_dir = pathlib.Path(output_dir)
   for label in (0, 1):
@@ -318,10 +352,14 @@ def generate(output_dir: str | pathlib.Path, num_images: int, seed: int,
   write = functools.partial(_write, seed=seed, output_dir=output_dir)
   specs = plan(num_images, seed, covid_fraction)
   if workers <= 1:
-    return [write(spec) for spec in specs]
-  # Spawned, not forked: callers may have started threads (JAX, TensorFlow).
-  with multiprocessing.get_context('spawn').Pool(workers) as pool:
-    return pool.map(write, specs, chunksize=8)
+    written = [write(spec) for spec in specs]
+  else:
+    # Spawned, not forked: callers may have started threads (JAX, TensorFlow).
+    with multiprocessing.get_context('spawn').Pool(workers) as pool:
+      written = pool.map(write, specs, chunksize=8)
+  if regions_file is not None:
+    write_regions(regions_file, {path.relative_to(output_dir).as_posix(): regions for path, regions in written})
+  return [path for path, _ in written]
 
 
 def summary(paths: Sequence[pathlib.Path]) -> str:
@@ -344,14 +382,16 @@ def _define_flags() -> None:
   flags.DEFINE_float('covid_fraction', COVID_FRACTION,
                      "Fraction of class 1 images (default: the Kaggle set's).")
   flags.DEFINE_integer('workers', 1, 'Processes to render with; the files do not depend on it.')
+  flags.DEFINE_string('regions_file', None, 'Also write where each image\'s lungs and opacities are to this JSON '
+                      'file (outside --output_dir, which a build reads whole).')
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  paths = generate(f.output_dir, f.num_images, f.seed, f.covid_fraction, f.workers)
-  print(f'Wrote {f.output_dir}\n{summary(paths)}')
+  paths = generate(f.output_dir, f.num_images, f.seed, f.covid_fraction, f.workers, f.regions_file)
+  print(f'Wrote {f.output_dir}\n{summary(paths)}' + (f'\nRegions in {f.regions_file}' if f.regions_file else ''))
 
 
 if __name__ == '__main__':

@@ -37,25 +37,39 @@ class BackboneSpec:
   # arguments besides (the generic NASNet's default_size picks its ImageNet weight file).
   keras_generic_args: tuple[str, ...] = ()
   keras_fixed_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # Grad-CAM's feature layer (Keras name), and the Keras name of the backbone's output, where a map taken at
+  # `output_layer` needs no hook inside the backbone (NASNet's output, the ReLU after its last cell, is unnamed
+  # in Keras: 'last_cell'). Another layer is a submodule of the backbone, named as in Keras.
+  gradcam_layer: str = ''
+  output_layer: str = ''
+  # Keras fuses into each convolution the ReLU that the Flax model applies after it, so a map taken at a
+  # convolution is taken after its ReLU (VGG16).
+  fused_relu: bool = False
 
+
+_NASNET_GRADCAM = {'gradcam_layer': 'last_cell', 'output_layer': 'last_cell'}
 
 BACKBONES: dict[str, BackboneSpec] = {
     'vgg16': BackboneSpec(
         vgg.VGG16, {}, 'caffe', 224, 'keras.applications.vgg16', 'VGG16',
-        keras_top_layers=('fc1', 'fc2', 'predictions'), has_batch_norm=False),
+        keras_top_layers=('fc1', 'fc2', 'predictions'), has_batch_norm=False,
+        gradcam_layer='block5_conv3', output_layer='block5_pool', fused_relu=True),
     'resnet50': BackboneSpec(
         resnet.ResNet50, {}, 'caffe', 224, 'keras.applications.resnet50', 'ResNet50',
-        keras_top_layers=('predictions',), has_batch_norm=True),
+        keras_top_layers=('predictions',), has_batch_norm=True,
+        gradcam_layer='conv5_block3_out', output_layer='conv5_block3_out'),
     'nasnet_large': BackboneSpec(
         nasnet.NASNet, nasnet.LARGE, 'tf', 331, 'keras.applications.nasnet', 'NASNetLarge',
-        keras_top_layers=('predictions',), has_batch_norm=True, config_group='nasnet', extra_args=_NASNET_EXTRA_ARGS),
+        keras_top_layers=('predictions',), has_batch_norm=True, config_group='nasnet', extra_args=_NASNET_EXTRA_ARGS,
+        **_NASNET_GRADCAM),
     'nasnet_mobile': BackboneSpec(
         nasnet.NASNet, nasnet.MOBILE, 'tf', 224, 'keras.applications.nasnet', 'NASNetMobile',
-        keras_top_layers=('predictions',), has_batch_norm=True, config_group='nasnet', extra_args=_NASNET_EXTRA_ARGS),
+        keras_top_layers=('predictions',), has_batch_norm=True, config_group='nasnet', extra_args=_NASNET_EXTRA_ARGS,
+        **_NASNET_GRADCAM),
     'nasnet': BackboneSpec(
         nasnet.NASNet, nasnet.LARGE, 'tf', 331, 'keras.src.applications.nasnet', 'NASNet',
         keras_top_layers=('predictions',), has_batch_norm=True, config_group='nasnet', extra_args=_NASNET_EXTRA_ARGS,
-        keras_generic_args=_NASNET_SIZES, keras_fixed_args={'default_size': 331}),
+        keras_generic_args=_NASNET_SIZES, keras_fixed_args={'default_size': 331}, **_NASNET_GRADCAM),
 }
 
 
