@@ -28,7 +28,7 @@ _METRIC_ROWS = (('accuracy', 'accuracy'), ('recall', 'sensitivity (recall)'), ('
                 ('precision', 'precision'), ('f1', 'F1'), ('roc_auc', 'ROC AUC'), ('pr_auc', 'PR AUC'))
 _PLOTS = (('training curves', 'training_curves.png'), ('confusion matrix', 'confusion_matrix.png'),
           ('ROC curve', 'roc_curve.png'), ('reliability diagram', 'calibration.png'),
-          ('test images', 'prediction_grid.png'), ('Grad-CAM', 'gradcam_grid.png'))
+          ('test images', 'prediction_grid.png'))
 
 
 def config_differences(config: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
@@ -59,6 +59,7 @@ def write(workdir: str | os.PathLike, config: ml_collections.ConfigDict, result:
       _settings(config),
       _metrics(result),
       _calibration(result.get('calibration')),
+      _gradcam(workdir),
       '## Plots\n\n' + '\n'.join(f'![{title}]({name})' for title, name in _PLOTS if (workdir / name).is_file()),
   ]
   path = workdir / 'report.md'
@@ -133,6 +134,19 @@ def _calibration(calibration: dict[str, Any] | None) -> str:
           f'{calibration["fitted_on"]} by minimising the negative log-likelihood. On test: ECE '
           f'({calibration["bins"]} bins) {calibration["ece_before"]:.4f} before, {calibration["ece_after"]:.4f} '
           f'after; Brier score {calibration["brier_before"]:.4f} before, {calibration["brier_after"]:.4f} after.')
+
+
+def _gradcam(workdir: Path) -> str:
+  """The Grad-CAM grid and its parameter-randomisation check (gradcam_sanity.json), where the run drew them."""
+  sanity_file = workdir / 'gradcam_sanity.json'
+  if not sanity_file.is_file():
+    return ''
+  sanity = json.loads(sanity_file.read_text())
+  steps = ', '.join(f'{step["step"]} {_number(step["spearman_mean"])}' for step in sanity['randomisation'])
+  return (f'## Grad-CAM\n\n![Grad-CAM](gradcam_grid.png)\n\nMaps of layer `{sanity["layer"]}` on '
+          f'{len(sanity["images"])} test images. Parameter-randomisation check (Adebayo et al. 2018): mean Spearman '
+          f'rank correlation between each map and the map after re-initialising the backbone\'s layers, top '
+          f'first: {steps}. Maps that stay alike after randomisation do not depend on what the model learned.')
 
 
 def _flat(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:

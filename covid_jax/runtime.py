@@ -231,6 +231,10 @@ def compute_dtype(dtype: str, platform: str) -> str:
   return dtype if dtype != 'auto' else AUTO_DTYPE.get(platform, 'bfloat16')
 
 
+# Keys whose 'auto' (or None) a run replaces with the backend's choice before it starts, so config.json holds it.
+RESOLVED_AT_START = ('dtype', 'retain_freed_host_memory')
+
+
 def apply_backend_defaults(config: Any, platform: str) -> None:
   """Writes the backend's choices into the config's 'auto' keys (dtype), so the run's record and config.json
   hold the values the run uses. A resumed run on the same backend resolves to the same values."""

@@ -23,6 +23,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from covid_jax import runtime
+
 
 class StudyError(RuntimeError):
   """A run of the study failed or cannot run; the message names it."""
@@ -76,11 +78,17 @@ def load_config(path: Path, overrides: Sequence[str]) -> ml_collections.ConfigDi
 
 
 def _finished(run_dir: Path, config: ml_collections.ConfigDict) -> bool:
-  """True when `run_dir` holds a finished run of exactly `config`."""
+  """True when `run_dir` holds a finished run of `config`: the same settings, where the backend's choice (for
+  keys left to it) stands for 'auto'."""
   saved = run_dir / 'config.json'
   if not (run_dir / 'test_metrics.json').is_file() or not saved.is_file():
     return False
-  return json.loads(saved.read_text()) == json.loads(json.dumps(config.to_dict()))
+  saved_config = json.loads(saved.read_text())
+  requested = json.loads(json.dumps(config.to_dict()))
+  for key in runtime.RESOLVED_AT_START:
+    if requested.get(key) in (None, 'auto'):
+      requested[key] = saved_config.get(key)
+  return saved_config == requested
 
 
 def run_study(workdir: Path, configs: Sequence[Path], seeds: Sequence[int], overrides: Sequence[str],

@@ -44,5 +44,5 @@ def trained_run(built_dataset, tmp_path_factory: pytest.TempPathFactory):
   # At 64 px the lesions are visible enough for the tiny model to learn in a few epochs.
   # Youden's threshold, so that the run's decision differs from the study's 0.5.
   config = runs.tiny_config(data_dir, num_epochs=10, **{'early_stopping.patience': 10, 'model.image_size': 64,
-                                                        'threshold.rule': 'youden'})
+                                                        'threshold.rule': 'youden', 'gradcam_grid_size': 4})
   return workdir, train.train_and_evaluate(config, str(workdir)), manifest

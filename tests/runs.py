@@ -28,6 +28,7 @@ TINY = {
     'early_stopping.patience': 15,
     'log_every_steps': 2,
     'prediction_grid_size': 4,
+    'gradcam_grid_size': 0,  # Grad-CAM's compile would add a minute to every run; conftest's trained_run draws it.
 }
 
 

@@ -56,8 +56,11 @@ def test_report_names_the_data_warnings_patients_metrics_and_a_command_that_rebu
     images = sum(int(n) for n in counts.values())
     assert f'| {split} | ' in report and f' | {images} | {len(patients[split])} |' in report
   assert f'{result["accuracy"]:.4f}' in report and f'{result["decision"]["threshold"]:.4f}' in report
-  for image in ('training_curves.png', 'calibration.png', 'confusion_matrix.png'):
-    assert f']({image})' in report
+  for image in ('training_curves.png', 'calibration.png', 'confusion_matrix.png', 'gradcam_grid.png'):
+    assert f']({image})' in report and (workdir / image).stat().st_size > 0
+  sanity = json.loads((workdir / 'gradcam_sanity.json').read_text())
+  assert len(sanity['images']) == 4
+  assert f'all {sanity["randomisation"][-1]["spearman_mean"]:.4f}' in report
   command = report.split('```bash\n', 1)[1].split('\n```', 1)[0]
   args = shlex.split(command)
   assert args[:4] == ['python', '-m', 'covid_jax.main', '--config=configs/default.py']
