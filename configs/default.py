@@ -23,6 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.image_size = 224
   # How the backbone's feature map becomes a vector: avg | max | flatten.
   config.model.pooling = 'avg'
+  # The backbone's input: keras (its own Keras preprocess_input) | notebook (the study's scaling: [0, 1] for
+  # VGG16, [0, 1/255] for ResNet50 and NASNet, which none of their ImageNet weights expect).
+  config.model.preprocessing = 'keras'
   # Generic NASNet builder arguments; None keeps the named preset's value.
   config.model.nasnet = ml_collections.ConfigDict({
       'penultimate_filters': config_dict.placeholder(int),
@@ -56,12 +59,35 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Phase 2 (skipped when num_epochs is 0): unfreeze the trailing backbone layers and train on.
   config.fine_tune = ml_collections.ConfigDict()
-  # Trailing backbone layers with weights to unfreeze, BatchNorm excluded (the study: 54). -1 = all.
+  # Trailing layers to unfreeze (BatchNorm stays frozen), counted as layer_rule says; -1 = every backbone layer.
   config.fine_tune.unfreeze_layers = 54
+  # weighted: the last unfreeze_layers backbone layers with weights. study: the backbone's weighted layers among
+  # the last unfreeze_layers layers of the whole Keras model, weightless and head layers counted, as the study's
+  # `model.layers[-54:]` did (13 VGG16 layers, 14 of ResNet50, 12 of NASNetLarge).
+  config.fine_tune.layer_rule = 'weighted'
   config.fine_tune.num_epochs = 50
+  # The study's ResNet50 and NASNetLarge notebooks fine-tuned at 1e-3 (Adam, plateau schedule); this default is
+  # ten times lower, with a cosine decay (configs/notebook/ has the study's).
   config.fine_tune.learning_rate = 1e-4
-  config.fine_tune.end_learning_rate = 1e-6
+  config.fine_tune.end_learning_rate = 1e-6  # Where the cosine schedule ends.
   config.fine_tune.warmup_epochs = 0
+  # cosine (to end_learning_rate over the phase) | plateau (Keras ReduceLROnPlateau, judged once per epoch: after
+  # plateau_patience epochs without plateau_metric improving by more than plateau_min_delta, the rate is multiplied
+  # by plateau_factor, not below plateau_min_learning_rate; Keras's cooldown rule: covid_jax/progress.py).
+  config.fine_tune.schedule = 'cosine'
+  config.fine_tune.plateau_metric = 'val_loss'
+  config.fine_tune.plateau_factor = 0.8
+  config.fine_tune.plateau_patience = 5
+  config.fine_tune.plateau_cooldown = 1
+  config.fine_tune.plateau_min_learning_rate = 1e-6
+  config.fine_tune.plateau_min_delta = 1e-4  # Keras's default.
+  # The fine-tune phase's early stopping; None keeps early_stopping's value. The phase starts afresh when its
+  # metric differs from the first phase's, else it goes on from the best value so far.
+  config.fine_tune.early_stopping = ml_collections.ConfigDict({
+      'metric': config_dict.placeholder(str),
+      'patience': config_dict.placeholder(int),
+      'min_delta': config_dict.placeholder(float),
+  })
 
   config.batch_size = 128  # Global, over all devices and hosts; must divide by the device count.
   config.eval_batch_size = 128  # Global; the last eval batch is padded and masked, never dropped.
@@ -77,13 +103,22 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment.flip = True  # Random horizontal flip.
   config.augment.contrast = 0.2  # Random contrast factor in [1 - c, 1 + c]; 0 disables.
 
-  # float32 | bfloat16 (compute in bf16; parameters, loss and metrics stay float32).
-  config.dtype = 'float32'
+  # Phase 'head' from the frozen backbone's pooled features, computed once before it (covid_jax/head_features.py)
+  # and kept in the workdir for a resumed run, instead of running the backbone on every batch of every epoch.
+  config.head_features = ml_collections.ConfigDict()
+  config.head_features.cache = config_dict.placeholder(bool)  # None: True when freeze_backbone.
+  # K views per train image: view 0 unaugmented, views 1..K-1 with the flip and contrast above drawn from
+  # (seed, view); each epoch takes one view per image, drawn from (seed, epoch). Val uses view 0.
+  config.head_features.views = 1
+
+  # auto | float32 | bfloat16 (compute in bf16; parameters, loss and metrics stay float32). auto: bfloat16 on a
+  # GPU or TPU (the study trained in mixed precision), float32 on the CPU; a run's config.json holds the choice.
+  config.dtype = 'auto'
   # Keep freed host memory for reuse (covid_jax/runtime.py): a CPU train step stops page-faulting its buffers
   # in afresh every step, and resident memory stays at its peak, which the heap's fragmentation can raise:
   # turn it off where a step fills much of the host. XLA compiles somewhat slower meanwhile. Figures:
-  # benchmarks/BENCHMARKS.md. A GPU step's buffers live on the device.
-  config.retain_freed_host_memory = True
+  # benchmarks/BENCHMARKS.md. None (auto): on the CPU only, since a GPU or TPU step's buffers live on the device.
+  config.retain_freed_host_memory = config_dict.placeholder(bool)
   # JAX's persistent compilation cache: a later run of the same steps (same config, shapes and versions)
   # loads them instead of compiling again. '' turns it off; the JAX_COMPILATION_CACHE_DIR environment
   # variable, if set, takes precedence.
@@ -103,6 +138,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.early_stopping.metric = 'val_accuracy'  # val_accuracy | val_roc_auc | val_loss (lower is better).
   config.early_stopping.patience = 15  # Epochs without improvement before a phase stops.
   config.early_stopping.min_delta = 0.0  # Improvement must exceed this.
+  # The metric the best checkpoint (the one evaluated on test) is chosen by, over the whole run; None: metric.
+  config.early_stopping.checkpoint_metric = config_dict.placeholder(str)
 
   # The decision threshold on the (calibrated) COVID probability, chosen on val only and applied to test:
   # fixed (0.5, the study) | youden (max sensitivity + specificity - 1) | target_sensitivity (the highest
@@ -114,4 +151,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.log_every_steps = 10  # TensorBoard train scalars.
   config.prediction_grid_size = 16  # Test images in the prediction grid plot.
+  # Test images in RUN/gradcam_grid.png, with the maps' parameter-randomisation check; 0 = no grid.
+  config.gradcam_grid_size = 16
   return config

@@ -6,8 +6,10 @@ import ml_collections
 from covid_jax import models
 from covid_jax.model_init import DTYPE_SETTINGS, FORMULATION_KEYS
 from covid_jax.models import formulations
+from covid_jax.models.preprocessing import PREPROCESSINGS
 from covid_jax.progress import MONITORED
-from covid_jax.state import OPTIMIZERS
+from covid_jax.state import LAYER_RULES, OPTIMIZERS, SCHEDULES
+from covid_jax.thresholds import RULES as THRESHOLD_RULES
 
 POOLINGS = ('avg', 'max', 'flatten')
 FORMULATION_BACKENDS = ('auto', 'cpu', 'accelerator')
@@ -32,6 +34,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       (config.formulations.backend in FORMULATION_BACKENDS,
        f'formulations.backend {config.formulations.backend!r}: one of {FORMULATION_BACKENDS}'),
   ]
+  checks += [(value in allowed, f'{key} {value!r}: one of {allowed}') for key, value, allowed in (
+      ('model.preprocessing', config.model.preprocessing, PREPROCESSINGS),
+      ('fine_tune.layer_rule', config.fine_tune.layer_rule, LAYER_RULES),
+      ('fine_tune.schedule', config.fine_tune.schedule, SCHEDULES),
+      ('fine_tune.plateau_metric', config.fine_tune.plateau_metric, tuple(MONITORED)),
+      ('threshold.rule', config.threshold.rule, THRESHOLD_RULES))]
+  for key, value in (('early_stopping.checkpoint_metric', config.early_stopping.checkpoint_metric),
+                     ('fine_tune.early_stopping.metric', config.fine_tune.early_stopping.metric)):
+    checks.append((value is None or value in MONITORED, f'{key} {value!r}: one of {sorted(MONITORED)}'))
+  checks.append((0 < config.threshold.target <= 1, f'threshold.target {config.threshold.target}: in (0, 1]'))
+  checks.append((config.head_features.views >= 1, f'head_features.views {config.head_features.views}: at least 1'))
   devices = jax.device_count()
   for key in ('batch_size', 'eval_batch_size'):
     checks.append((config[key] > 0 and config[key] % devices == 0,

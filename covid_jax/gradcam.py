@@ -7,8 +7,8 @@ may raise p_covid by lowering z_non_covid alone, which a map of z_covid would no
 
 The layer is the backbone's output or a submodule of the backbone named as in Keras (`models.registry`: each
 backbone's default layer); the gradient with respect to it comes from a hook on that submodule's output
-(`flax.linen.intercept_methods`), so the model's own code runs unchanged. Maps are computed in inference mode (BN on running statistics), so each
-image's map depends on that image alone.
+(`flax.linen.intercept_methods`), so the model's own code runs unchanged. Maps are computed in inference mode
+(BN on running statistics), so each image's map depends on that image alone.
 """
 
 import functools

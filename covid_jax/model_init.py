@@ -53,7 +53,7 @@ def create_model(config: ml_collections.ConfigDict,
   head = Head(dims=tuple(config.model.head.dims), dropout=config.model.head.dropout,
               batch_norm=config.model.head.batch_norm, dtype=dtype, axis_name=AXIS)
   return Classifier(backbone=backbone, backbone_name=config.model.name, head=head, pooling=config.model.pooling,
-                    dtype=dtype)
+                    preprocessing=config.model.preprocessing, dtype=dtype)
 
 
 def _dummy_images(config: ml_collections.ConfigDict) -> jax.Array:

@@ -38,22 +38,42 @@ def train_gradients(state: TrainState, batch: dict[str, jax.Array], dropout_key:
                     label_smoothing: float, l1: float, l2: float
                     ) -> tuple[dict[tuple[str, ...], jax.Array], Any, dict[str, jax.Array]]:
   """Per device: the trainable parameters' gradients (keyed by path), new BN statistics and metrics, pmean-ed."""
+  forward = functools.partial(state.apply_fn, train=True, backbone_train=phase.trainable == Trainable.ALL,
+                              frozen_backbone=phase.trainable == Trainable.HEAD)
+  return _gradients(forward, state, batch['image'], batch['label'], dropout_key, label_smoothing, l1, l2)
+
+
+def head_gradients(state: TrainState, batch: dict[str, jax.Array], dropout_key: jax.Array, *,
+                   label_smoothing: float, l1: float, l2: float
+                   ) -> tuple[dict[tuple[str, ...], jax.Array], Any, dict[str, jax.Array]]:
+  """Per device: `train_gradients` of phase 'head' on the backbone's pooled features (batch['features']).
+
+  The frozen backbone in inference mode contributes nothing but these features, so the head, its dropout
+  (same keys), BN statistics (synchronised over devices), loss and regulariser are those of the full model.
+  """
+  forward = functools.partial(state.apply_fn, train=True, method='classify')
+  return _gradients(forward, state, batch['features'], batch['label'], dropout_key, label_smoothing, l1, l2)
+
+
+def _gradients(forward: Callable, state: TrainState, inputs: jax.Array, labels: jax.Array, dropout_key: jax.Array,
+               label_smoothing: float, l1: float, l2: float
+               ) -> tuple[dict[tuple[str, ...], jax.Array], Any, dict[str, jax.Array]]:
+  """Gradients of the smoothed loss plus L1L2 on the first head kernel, by `forward(variables, inputs, ...)`."""
   dropout_key = jax.random.fold_in(dropout_key, lax.axis_index(AXIS))
   params = traverse_util.flatten_dict(state.params)
 
   def loss_fn(trainable):
-    logits, updates = state.apply_fn(
+    logits, updates = forward(
         {'params': traverse_util.unflatten_dict({**params, **trainable}), 'batch_stats': state.batch_stats},
-        batch['image'], train=True, backbone_train=phase.trainable == Trainable.ALL,
-        frozen_backbone=phase.trainable == Trainable.HEAD, rngs={'dropout': dropout_key}, mutable=['batch_stats'])
-    loss = smoothed_cross_entropy(logits, batch['label'], label_smoothing).mean()
+        inputs, rngs={'dropout': dropout_key}, mutable=['batch_stats'])
+    loss = smoothed_cross_entropy(logits, labels, label_smoothing).mean()
     kernel = trainable[('head', FIRST_DENSE, 'kernel')]
     penalty = l1 * jnp.abs(kernel).sum() + l2 * jnp.square(kernel).sum()
     return loss + penalty, (loss, logits, updates.get('batch_stats', {}))
 
   trainable = {path: params[path] for path in state.trainable}
   (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-  accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
   scores = {'loss': lax.pmean(loss, AXIS), 'accuracy': lax.pmean(accuracy, AXIS)}
   return lax.pmean(grads, AXIS), lax.pmean(batch_stats, AXIS), scores
 
@@ -127,17 +147,57 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> jax.Array:
   return state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, batch['image'], train=False)
 
 
+def head_eval_step(state: TrainState, batch: dict[str, jax.Array]) -> jax.Array:
+  """`eval_step` on the backbone's pooled features (batch['features'])."""
+  return state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, batch['features'],
+                        train=False, method='classify')
+
+
+def pooled_features_step(state: TrainState, batch: dict[str, jax.Array]) -> jax.Array:
+  """The backbone's pooled features of one batch, per device (inference mode): the head's input."""
+  return state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, batch['image'],
+                        method='pooled_features')
+
+
 def compile_steps(mesh: jax.sharding.Mesh, phase: Phase, config: ml_collections.ConfigDict,
                   separate_update: bool) -> tuple[TrainStep, Callable]:
   """(train step, eval step) over the mesh, compiled on first call; `separate_update`: see `TrainStep`."""
-  gradients = functools.partial(train_gradients, phase=phase, label_smoothing=config.label_smoothing,
-                                l1=config.model.head.l1, l2=config.model.head.l2)
+  gradients = functools.partial(train_gradients, phase=phase, **_loss_settings(config))
+  return _mapped_steps(mesh, gradients, eval_step, separate_update)
+
+
+def compile_head_steps(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict,
+                       separate_update: bool) -> tuple[TrainStep, Callable]:
+  """`compile_steps` of phase 'head' on batches of pooled features ('features', 'label') instead of images."""
+  return _mapped_steps(mesh, functools.partial(head_gradients, **_loss_settings(config)), head_eval_step,
+                       separate_update)
+
+
+@functools.cache
+def compile_features_step(mesh: jax.sharding.Mesh) -> Callable:
+  """`pooled_features_step` over the mesh, jitted: `(state, batch of images) -> features`, sharded like the batch.
+
+  One per mesh, so a later extraction in the process (another run's, a benchmark's) reuses its compiled program.
+  """
+  return jax.jit(_mapped(mesh)(pooled_features_step, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)))
+
+
+def _loss_settings(config: ml_collections.ConfigDict) -> dict[str, float]:
+  return {'label_smoothing': config.label_smoothing, 'l1': config.model.head.l1, 'l2': config.model.head.l2}
+
+
+def _mapped(mesh: jax.sharding.Mesh) -> Callable:
   # check_vma=False gives pmap's semantics: gradients inside the body are local to the device and
   # are averaged explicitly with pmean (with vma checking, the gradient of a replicated parameter
   # would already be summed over devices).
-  mapped = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
+  return functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
+
+
+def _mapped_steps(mesh: jax.sharding.Mesh, gradients: Callable, evaluate: Callable,
+                  separate_update: bool) -> tuple[TrainStep, Callable]:
+  mapped = _mapped(mesh)
   gradients = mapped(gradients, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P(), P()))
-  evaluate = jax.jit(mapped(eval_step, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)))
+  evaluate = jax.jit(mapped(evaluate, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)))
   return TrainStep(gradients, jax.sharding.NamedSharding(mesh, P()), separate_update), evaluate
 
 
@@ -146,7 +206,7 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   return jax.device_put(tree, jax.sharding.NamedSharding(mesh, P()))
 
 
-def _host_local(x: jax.Array) -> np.ndarray:
+def host_local(x: jax.Array) -> np.ndarray:
   """This process's rows of a batch-sharded array, in order."""
   shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
   return np.concatenate([np.asarray(s.data) for s in shards])
@@ -162,9 +222,9 @@ def split_outputs(eval_fn: Callable, state: TrainState, reader: input_pipeline.S
   for batch in reader.eval_batches(batch_size):
     logits = eval_fn(state, batch)
     for key, value in (('logits', logits), ('label', batch['label']), ('mask', batch['mask'])):
-      local[key].append(_host_local(value))
+      local[key].append(host_local(value))
     if keep_images:
-      local['image'].append(_host_local(batch['image']).astype(np.uint8))
+      local['image'].append(host_local(batch['image']).astype(np.uint8))
   local_real = np.concatenate(local['mask']).astype(bool)
   result = {k: multihost_utils.process_allgather(np.concatenate(local[k]), tiled=True)
             for k in ('logits', 'label', 'mask')}

@@ -20,8 +20,8 @@ import tensorflow as tf
 from absl import logging
 from tqdm import tqdm
 
-from covid_jax import (checkpoints, head_features, input_pipeline, metrics, model_init, predictions, reporting,
-                       run_report, runtime, scoring, state, steps, workdir_checks)
+from covid_jax import (checkpoints, gradcam, head_features, input_pipeline, metrics, model_init, predictions,
+                       reporting, run_report, runtime, scoring, state, steps, workdir_checks)
 from covid_jax.config_checks import ConfigError, validate_config
 from covid_jax.port import store
 from covid_jax.progress import Progress
@@ -267,12 +267,20 @@ def _final_report(trainer: Trainer) -> dict[str, Any]:
   details = {
       'best_epoch': chosen['epoch'],
       'checkpoint': source,
-      'monitored_metric': config.early_stopping.metric,
+      'monitored_metric': state.checkpoint_metric(config),
       'split_sizes': {split: reader.num_examples for split, reader in trainer.readers.items()},
       'model': config.model.name,
   }
   result = reporting.final_report(trainer.workdir, outputs['test'], val, test, decision, last['history'], details,
                                   seed=config.seed, grid_size=config.prediction_grid_size, write=trainer.is_writer)
   if trainer.is_writer:
+    if config.gradcam_grid_size:
+      test_local = outputs['test']
+      predicted = metrics.predict(scoring.calibrated_probability(test_local['local_logits'], decision.temperature),
+                                  decision.threshold)
+      gradcam.write_run_grid(trainer.workdir, trainer.model, {'params': train_state.params,
+                                                              'batch_stats': train_state.batch_stats},
+                             test_local['local_image'], test_local['local_label'], predicted,
+                             count=config.gradcam_grid_size, seed=config.seed)
     run_report.write(trainer.workdir, config, result)
   return result

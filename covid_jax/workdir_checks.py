@@ -25,6 +25,7 @@ MAY_CHANGE = {
     'eval_batch_size': ANY,
     'log_every_steps': ANY,
     'prediction_grid_size': ANY,
+    'gradcam_grid_size': ANY,
     'retain_freed_host_memory': ANY,
     'compilation_cache_dir': ANY,
     'formulations.*': ANY,  # The same numbers to rounding, formulated for another machine.

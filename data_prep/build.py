@@ -4,8 +4,9 @@
 
 Every file under the source directory ends up exactly once in the manifest, as a
 split example or as a rejection with its reason. Patients and duplicate groups
-never cross splits. The output appears atomically: an interrupted build leaves
-only a hidden temporary directory beside OUT.
+never cross splits, unless `--group_by image` reproduces the study's image-level
+split, which leaks them (the summary and the manifest say so). The output appears
+atomically: an interrupted build leaves only a hidden temporary directory beside OUT.
 """
 
 import collections
@@ -89,14 +90,17 @@ def plan(source_dir: Path, label_map: Mapping[str, int] | None, fractions: Mappi
          image_size: int, keep_aspect: bool = False, max_pixels: int = images.DEFAULT_MAX_PIXELS,
          near_threshold: int = duplicates.DEFAULT_NEAR_THRESHOLD, workers: int | None = None,
          progress: bool = True, table: metadata.Table | None = None,
-         patient_from_dicom: bool = False) -> tuple[dict[str, Any], bounded.Spool]:
+         patient_from_dicom: bool = False, group_by: str = 'patient') -> tuple[dict[str, Any], bounded.Spool]:
   """Reads, audits and splits the source folder: (manifest, examples to write per split).
 
   Labels come from class folders (label_map) or, with label_map None, from the metadata `table`; patient ids
   from the DICOM PatientID with `patient_from_dicom`, else from the table when given, else from file names.
   The examples' images wait resized as PNG files in the returned spool, which `write` removes (so does its garbage
   collection). Decodes run at most 2 x max_pixels pixels (source and stored) at once, however many the workers.
+  `group_by` 'patient' keeps each patient and duplicate group in one split; 'image' splits images one by one.
   """
+  if group_by not in split.GROUP_BY:
+    raise BuildError(f'--group_by {group_by!r}: one of {split.GROUP_BY}')
   if (label_map is None) != bool(table and table.labels):
     raise ValueError('labels come from label_map or from the metadata table: exactly one of them')
   candidates, rejected = scan(source_dir, label_map)
@@ -135,18 +139,14 @@ def plan(source_dir: Path, label_map: Mapping[str, int] | None, fractions: Mappi
 
   dup_groups = duplicates.find_duplicate_groups([d.pixel_sha256 for d in decoded],
                                                 np.stack([d.perceptual_hash for d in decoded]), near_threshold)
-  groups = duplicates.UnionFind(len(kept))
-  first_of_patient: dict[str, int] = {}
-  for i, pid in enumerate(ids):
-    groups.union(first_of_patient.setdefault(pid, i), i)
-  for _, members in dup_groups:
-    for i in members[1:]:
-      groups.union(members[0], i)
   conflicting = [m for _, m in dup_groups if len({kept[i][1] for i in m}) > 1]
   if conflicting:
     warnings.append(f'{len(conflicting)} duplicate groups hold images of both labels (label noise), e.g. '
                     f'{[kept[i][0] for i in conflicting[0]]}')
-  splits = split.assign_splits(groups.groups(), [label for _, label in kept], fractions, seed)
+  groups = _patient_groups(ids, dup_groups) if group_by == 'patient' else [[i] for i in range(len(kept))]
+  splits = split.assign_splits(groups, [label for _, label in kept], fractions, seed)
+  if group_by == 'image':
+    warnings.append(_leak_warning(ids, dup_groups, splits))
 
   examples = [{'path': rel, 'label': label, 'split': s, 'patient_id': pid, 'patient_source': source,
                'sha256': d.file_sha256}
@@ -156,6 +156,7 @@ def plan(source_dir: Path, label_map: Mapping[str, int] | None, fractions: Mappi
   manifest = {
       'seed': seed,
       'split_fractions': dict(fractions),
+      'group_by': group_by,
       'image_size': image_size,
       'keep_aspect': keep_aspect,
       'label_map': None if label_map is None else dict(label_map),
@@ -170,6 +171,28 @@ def plan(source_dir: Path, label_map: Mapping[str, int] | None, fractions: Mappi
       'warnings': warnings,
   }
   return manifest, to_write
+
+
+def _patient_groups(ids: Sequence[str], dup_groups: Sequence[tuple[str, list[int]]]) -> list[list[int]]:
+  """Example indices grouped so that each patient, and each duplicate group with its patients, is one group."""
+  groups = duplicates.UnionFind(len(ids))
+  first_of_patient: dict[str, int] = {}
+  for i, pid in enumerate(ids):
+    groups.union(first_of_patient.setdefault(pid, i), i)
+  for _, members in dup_groups:
+    for i in members[1:]:
+      groups.union(members[0], i)
+  return groups.groups()
+
+
+def _leak_warning(ids: Sequence[str], dup_groups: Sequence[tuple[str, list[int]]], splits: Sequence[str]) -> str:
+  """What an image-level split leaks: patients and duplicate groups with images in more than one split."""
+  patients_across = patients.across_splits(ids, splits)
+  duplicates_across = sum(len({splits[i] for i in members}) > 1 for _, members in dup_groups)
+  example = f' (e.g. {patients_across[0]})' if patients_across else ''
+  return (f'--group_by image: the split is image-level, as in the study, and leaks patients across train/val/test: '
+          f'{len(patients_across)} of {len(set(ids))} patients{example} and {duplicates_across} of {len(dup_groups)} '
+          'duplicate groups have images in more than one split, so val and test scores are optimistic')
 
 
 def _dicom_patients(paths: Sequence[str], stated: Sequence[str | None]) -> tuple[list[str], list[str], list[str]]:
@@ -270,8 +293,9 @@ def summary(manifest: Mapping[str, Any]) -> str:
   lines.append(f'rejected: {len(manifest["rejected"])}')
   lines += [f'  {n:>5}  {reason}' for reason, n in reasons.most_common()]
   kinds = collections.Counter(g['kind'] for g in manifest['duplicate_groups'])
+  kept = 'kept within one split' if manifest.get('group_by', 'patient') == 'patient' else 'split image by image'
   lines.append(f'duplicate groups: {len(manifest["duplicate_groups"])} '
-               f'({kinds["exact"]} exact, {kinds["near"]} near; kept within one split)')
+               f'({kinds["exact"]} exact, {kinds["near"]} near; {kept})')
   lines.append(patients.summary(manifest['examples'], (manifest['metadata'] or {}).get('file')))
   lines += [f'WARNING: {w}' for w in manifest['warnings']]
   return '\n'.join(lines)
@@ -288,6 +312,8 @@ def define_flags() -> None:
   flags.DEFINE_integer('image_size', 224, 'Stored images are image_size x image_size (at least 32).')
   flags.DEFINE_bool('keep_aspect', False, 'Pad to square instead of stretching (the study stretched).')
   flags.DEFINE_string('split', '64,16,20', 'train,val,test proportions.')
+  flags.DEFINE_enum('group_by', 'patient', split.GROUP_BY, 'What the split keeps whole: patient (each patient and '
+                    'duplicate group in one split) or image (the study\'s image-level split, which leaks patients).')
   flags.DEFINE_string('label_map', '0=0,1=1', 'Class folder -> label (0 non-COVID, 1 COVID), e.g. NORMAL=0,COVID=1.')
   flags.DEFINE_integer('max_pixels', images.DEFAULT_MAX_PIXELS, 'Larger images are rejected as decompression bombs.')
   flags.DEFINE_integer('near_duplicate_threshold', duplicates.DEFAULT_NEAR_THRESHOLD,
@@ -319,7 +345,8 @@ def main(argv: Sequence[str]) -> int:
       raise BuildError('--patient_from_dicom and --metadata both say where patient ids come from; give one')
     manifest, to_write = plan(Path(FLAGS.source_dir), None if table and table.labels else label_map, fractions,
                               FLAGS.seed, FLAGS.image_size, FLAGS.keep_aspect, FLAGS.max_pixels,
-                              FLAGS.near_duplicate_threshold, table=table, patient_from_dicom=FLAGS.patient_from_dicom)
+                              FLAGS.near_duplicate_threshold, table=table, patient_from_dicom=FLAGS.patient_from_dicom,
+                              group_by=FLAGS.group_by)
     for warning in manifest['warnings']:
       print(f'WARNING: {warning}')
     if FLAGS.strict and manifest['rejected']:

@@ -61,6 +61,14 @@ def assign(paths: Sequence[str], listed: Mapping[str, str] | None = None) -> tup
   return ids, sources, warnings
 
 
+def across_splits(ids: Sequence[str], splits: Sequence[str]) -> list[str]:
+  """The patient ids (sorted) whose images lie in more than one split."""
+  seen: dict[str, set[str]] = collections.defaultdict(set)
+  for pid, name in zip(ids, splits):
+    seen[pid].add(name)
+  return sorted(pid for pid, names in seen.items() if len(names) > 1)
+
+
 def summary(examples: Iterable[Mapping[str, Any]], metadata_file: str | None = None) -> str:
   """'patients: 123 (118 from metadata.csv, 5 own groups)': how many, and where their ids came from."""
   per_source = collections.Counter(source for source, _ in {(e['patient_source'], e['patient_id']) for e in examples})

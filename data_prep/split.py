@@ -1,4 +1,4 @@
-"""Patient-grouped, label-stratified, seeded train/val/test assignment."""
+"""Group-preserving, label-stratified, seeded train/val/test assignment."""
 
 from collections.abc import Mapping, Sequence
 
@@ -6,6 +6,8 @@ import numpy as np
 
 SPLITS = ('train', 'val', 'test')
 DEFAULT_FRACTIONS = (0.64, 0.16, 0.20)
+# What a build's groups are: each patient with its duplicates (no leak), or each image alone (the study's leaky split).
+GROUP_BY = ('patient', 'image')
 
 
 def assign_splits(groups: Sequence[Sequence[int]], labels: Sequence[int], fractions: Mapping[str, float],

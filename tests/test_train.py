@@ -334,6 +334,17 @@ def test_invalid_config_values_name_the_key(built_dataset, tmp_path):
     validate_config(runs.tiny_config(data_dir, **{'fine_tune.num_epochs': 2, 'fine_tune.warmup_epochs': 2}))
   with pytest.raises(ValueError, match=r'config: warmup_epochs 1 must be less than num_epochs 1'):
     validate_config(runs.tiny_config(data_dir, num_epochs=1, warmup_epochs=1))
+  for key, value, phrase in (('model.preprocessing', 'caffe', r"model\.preprocessing 'caffe': one of"),
+                             ('fine_tune.layer_rule', 'last', r"fine_tune\.layer_rule 'last': one of"),
+                             ('fine_tune.schedule', 'step', r"fine_tune\.schedule 'step': one of"),
+                             ('fine_tune.plateau_metric', 'loss', r"fine_tune\.plateau_metric 'loss': one of"),
+                             ('early_stopping.checkpoint_metric', 'acc', r"checkpoint_metric 'acc': one of"),
+                             ('fine_tune.early_stopping.metric', 'auc', r"fine_tune\.early_stopping\.metric 'auc'"),
+                             ('threshold.rule', 'youdn', r"threshold\.rule 'youdn': one of"),
+                             ('threshold.target', 1.5, r'threshold\.target 1\.5: in \(0, 1\]'),
+                             ('head_features.views', 0, r'head_features\.views 0: at least 1')):
+    with pytest.raises(ValueError, match=phrase):
+      validate_config(runs.tiny_config(data_dir, **{key: value}))
 
 
 def test_one_and_two_devices_agree_and_steps_go_to_the_compilation_cache(built_dataset, tmp_path):
