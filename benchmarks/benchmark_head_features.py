@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     try:
       train_state, progress = train._start_or_resume(trainer)
       readers = trainer.readers
-      features_fn = steps.compile_features_step(trainer.mesh)  # The one load_or_extract uses.
+      features_fn = steps.compile_features_step(trainer.mesh, config.model.name)  # The one load_or_extract uses.
       _, compile_s = _timed(features_fn, train_state, next(readers['train'].eval_batches(config.eval_batch_size)))
       cached, view0 = _timed(head_features.load_or_extract, config, workdir, trainer.model.dtype, readers,
                              train_state)

@@ -156,7 +156,7 @@ def _extract_all(config: ml_collections.ConfigDict, readers: dict[str, SplitRead
   partial = folder.with_name(folder.name + '.partial')
   shutil.rmtree(partial, ignore_errors=True)  # An extraction cut short.
   partial.mkdir(parents=True)
-  features_fn = steps.compile_features_step(readers['train'].mesh)
+  features_fn = steps.compile_features_step(readers['train'].mesh, config.model.name)
   views = {'train': config.head_features.views, 'val': 1}
   total = sum(views[split] * readers[split].num_local_examples for split in SPLITS)
   with tqdm(total=total, desc='head features', unit='image', disable=not show_progress) as bar:

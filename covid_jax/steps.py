@@ -97,9 +97,12 @@ class TrainStep:
   which every train batch of a phase shares, and the state is donated.
   """
 
-  def __init__(self, gradients: Callable, replicated: jax.sharding.Sharding, separate_update: bool):
-    """`gradients`: `train_gradients` mapped over the mesh; `replicated`: the state's sharding."""
+  def __init__(self, gradients: Callable, replicated: jax.sharding.Sharding, separate_update: bool,
+               compiler_options: dict[str, Any] | None = None):
+    """`gradients`: `train_gradients` mapped over the mesh; `replicated`: the state's sharding;
+    `compiler_options`: XLA options for this step's programs alone (`runtime.compiler_options`)."""
     self.separate_update = separate_update
+    self._options = compiler_options
     if separate_update:
       self._gradients = jax.jit(gradients)
       self._update = jax.jit(apply_update, in_shardings=replicated, out_shardings=replicated, donate_argnums=0)
@@ -116,14 +119,14 @@ class TrainStep:
     holds Python's lock); the update is then traced and compiled on a second thread while XLA compiles them.
     """
     if not self.separate_update:
-      self._compiled = self._step.trace(state, batch, dropout_key).lower().compile()
+      self._compiled = self._step.trace(state, batch, dropout_key).lower().compile(self._options)
       return
     params = traverse_util.flatten_dict(state.params)
     grads = {path: jax.ShapeDtypeStruct(params[path].shape, params[path].dtype) for path in state.trainable}
     gradients = self._gradients.trace(state, batch, dropout_key).lower()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      update = pool.submit(lambda: self._update.trace(state, grads, state.batch_stats).lower().compile())
-      self._compiled = gradients.compile(), update.result()
+      update = pool.submit(lambda: self._update.trace(state, grads, state.batch_stats).lower().compile(self._options))
+      self._compiled = gradients.compile(self._options), update.result()
 
   def __call__(self, state: TrainState, batch: dict[str, jax.Array],
                dropout_key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -163,23 +166,25 @@ def compile_steps(mesh: jax.sharding.Mesh, phase: Phase, config: ml_collections.
                   separate_update: bool) -> tuple[TrainStep, Callable]:
   """(train step, eval step) over the mesh, compiled on first call; `separate_update`: see `TrainStep`."""
   gradients = functools.partial(train_gradients, phase=phase, **_loss_settings(config))
-  return _mapped_steps(mesh, gradients, eval_step, separate_update)
+  return _mapped_steps(mesh, gradients, eval_step, separate_update, config.model.name)
 
 
 def compile_head_steps(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict,
                        separate_update: bool) -> tuple[TrainStep, Callable]:
   """`compile_steps` of phase 'head' on batches of pooled features ('features', 'label') instead of images."""
   return _mapped_steps(mesh, functools.partial(head_gradients, **_loss_settings(config)), head_eval_step,
-                       separate_update)
+                       separate_update, config.model.name)
 
 
 @functools.cache
-def compile_features_step(mesh: jax.sharding.Mesh) -> Callable:
+def compile_features_step(mesh: jax.sharding.Mesh, model_name: str) -> Callable:
   """`pooled_features_step` over the mesh, jitted: `(state, batch of images) -> features`, sharded like the batch.
 
-  One per mesh, so a later extraction in the process (another run's, a benchmark's) reuses its compiled program.
+  One per mesh and backbone, so a later extraction in the process (another run's, a benchmark's) reuses its
+  compiled program. It runs the backbone forward as the eval step does, with the eval step's compiler options.
   """
-  return jax.jit(_mapped(mesh)(pooled_features_step, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)))
+  return jax.jit(_mapped(mesh)(pooled_features_step, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)),
+                 compiler_options=_compiler_options(mesh, 'eval_step', model_name))
 
 
 def _loss_settings(config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -193,12 +198,20 @@ def _mapped(mesh: jax.sharding.Mesh) -> Callable:
   return functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
 
 
-def _mapped_steps(mesh: jax.sharding.Mesh, gradients: Callable, evaluate: Callable,
-                  separate_update: bool) -> tuple[TrainStep, Callable]:
+def _compiler_options(mesh: jax.sharding.Mesh, program: str, model_name: str) -> dict[str, Any] | None:
+  """The XLA options runtime decides for `program` of `model_name` on the mesh's platform (None: XLA's own)."""
+  return runtime.compiler_options(program, mesh.devices.flat[0].platform, model_name)
+
+
+def _mapped_steps(mesh: jax.sharding.Mesh, gradients: Callable, evaluate: Callable, separate_update: bool,
+                  model_name: str) -> tuple[TrainStep, Callable]:
   mapped = _mapped(mesh)
   gradients = mapped(gradients, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P(), P()))
-  evaluate = jax.jit(mapped(evaluate, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)))
-  return TrainStep(gradients, jax.sharding.NamedSharding(mesh, P()), separate_update), evaluate
+  evaluate = jax.jit(mapped(evaluate, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)),
+                     compiler_options=_compiler_options(mesh, 'eval_step', model_name))
+  train_step = TrainStep(gradients, jax.sharding.NamedSharding(mesh, P()), separate_update,
+                         _compiler_options(mesh, 'train_step', model_name))
+  return train_step, evaluate
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:

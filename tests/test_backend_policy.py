@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import pytest
 
 from configs import default
-from covid_jax import main, runtime, workdir_checks
+from covid_jax import main, model_init, runtime, steps, train, workdir_checks
+from tests import runs
 
 
 def _config(**values):
@@ -103,3 +104,38 @@ def test_the_start_logs_the_backend_dtype_and_formulations_once(caplog):
   assert lines == [f'Backend gpu (NVIDIA H100 80GB HBM3): dtype bfloat16, freed host memory returned, formulations '
                    f'conv=native, pointwise=matmul, depthwise=grouped, pooling=by_overlap, separate_update=False']
   assert config.dtype == 'bfloat16'
+
+
+_BOGUS = {'xla_option_that_does_not_exist': True}  # XLA refuses an unknown option: it shows where options go.
+
+
+@pytest.fixture
+def fresh_features_steps():
+  steps.compile_features_step.cache_clear()
+  yield
+  steps.compile_features_step.cache_clear()
+
+
+def test_compiler_options_reach_the_step_programs_of_the_named_backbones_only(built_dataset, tmp_path, monkeypatch,
+                                                                               fresh_features_steps):
+  data_dir, _ = built_dataset
+  config = runs.tiny_config(data_dir)
+  trainer = train.Trainer(config, str(tmp_path))
+  variables = model_init.initial_variables(trainer.model, config, outline=trainer.outline)
+  train_state = steps.replicate(trainer.new_state(variables, 0), trainer.mesh)
+  batch = next(trainer.readers['train'].train_epoch(config.batch_size, 1, config.seed))
+  eval_batch = next(trainer.readers['val'].eval_batches(config.eval_batch_size))
+
+  def options_for(backbones):
+    monkeypatch.setattr(runtime, 'PROGRAM_OPTIONS', tuple(
+        ('cpu', program, backbones, _BOGUS) for program in ('train_step', 'eval_step')))
+    steps.compile_features_step.cache_clear()
+    train_fn, eval_fn = trainer.compile_steps(trainer.phases[0])
+    return {'train step': lambda: train_fn(train_state, batch, jax.random.key(0)),
+            'eval step': lambda: eval_fn(train_state, eval_batch),
+            'features step': lambda: steps.compile_features_step(trainer.mesh, 'nasnet')(train_state, eval_batch)}
+
+  for name, call in options_for(('nasnet',)).items():
+    with pytest.raises(Exception, match='xla_option_that_does_not_exist'):
+      call()
+  options_for(('vgg16',))['eval step']()  # Another backbone's options stay out of this one's programs.

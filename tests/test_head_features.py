@@ -25,8 +25,8 @@ class BackboneCalls:
     self.images = 0
     real = steps.compile_features_step
 
-    def counted(mesh):
-      features_fn = real(mesh)
+    def counted(mesh, model_name):
+      features_fn = real(mesh, model_name)
 
       def call(state, batch):
         self.images += batch['image'].shape[0]
