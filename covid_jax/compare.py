@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from covid_jax import intervals, metrics, runtime, significance
+from covid_jax import intervals, metrics, runtime, significance, workdir_checks
 
 with runtime.quiet_tensorflow_import():  # The figures' modules import the input pipeline, hence TensorFlow.
   from covid_jax import comparison_grid, reporting
@@ -233,19 +233,9 @@ def _aligned(a: Run, b: Run) -> Run:
 
 def _distinguishing(config: dict[str, Any], others: Sequence[dict[str, Any]]) -> str:
   """'key=value, ...' for the (flattened) settings of `config` that not all of `others` share, at most three."""
-  flat, flat_others = _flatten(config), [_flatten(other) for other in others]
+  flat, flat_others = workdir_checks.flatten(config), [workdir_checks.flatten(other) for other in others]
   keys = [k for k in sorted(flat) if k != 'seed' and any(other.get(k) != flat[k] for other in flat_others)]
   return ', '.join(f'{k}={flat[k]}' for k in keys[:3]) + (', …' if len(keys) > 3 else '')
-
-
-def _flatten(config: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-  flat = {}
-  for key, value in config.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
 
 
 def _read_json(path: Path) -> dict[str, Any]:

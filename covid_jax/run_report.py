@@ -18,6 +18,7 @@ import jax
 import ml_collections
 
 from configs import default
+from covid_jax import workdir_checks
 from covid_jax.metrics import CLASS_NAMES
 
 # Packages whose versions change the numbers, each under the names it is installed as.
@@ -33,8 +34,8 @@ _PLOTS = (('training curves', 'training_curves.png'), ('confusion matrix', 'conf
 
 def config_differences(config: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
   """(key, this run's value, default value) for every flattened key that differs from configs/default.py."""
-  ours = _flat(config.to_dict())
-  defaults = _flat(default.get_config().to_dict())
+  ours, defaults = (workdir_checks.flatten(json.loads(json.dumps(c.to_dict())))  # Tuples as lists, as in JSON.
+                    for c in (config, default.get_config()))
   return [(key, ours.get(key), defaults.get(key)) for key in sorted(set(ours) | set(defaults))
           if ours.get(key) != defaults.get(key)]
 
@@ -147,16 +148,6 @@ def _gradcam(workdir: Path) -> str:
           f'{len(sanity["images"])} test images. Parameter-randomisation check (Adebayo et al. 2018): mean Spearman '
           f'rank correlation between each map and the map after re-initialising the backbone\'s layers, top '
           f'first: {steps}. Maps that stay alike after randomisation do not depend on what the model learned.')
-
-
-def _flat(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flat(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = list(value) if isinstance(value, tuple) else value
-  return flat
 
 
 def _flag_value(value: Any) -> str:

@@ -42,7 +42,7 @@ class WorkdirError(ValueError):
 
 def run_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The flattened config (JSON values) and the manifest digest: what a resumed run must agree with."""
-  record = json.loads(json.dumps(_flatten(config.to_dict())))
+  record = json.loads(json.dumps(flatten(config.to_dict())))
   manifest = Path(config.data_dir) / 'manifest.json'
   record[MANIFEST_KEY] = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
   return record
@@ -78,11 +78,12 @@ def check_workdir(workdir: str) -> None:
                        'resume from: give this run another --workdir, or delete those files to start afresh there')
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """A nested config (dicts) as one dict of dotted keys: {'model': {'name': x}} -> {'model.name': x}."""
   flat = {}
   for key, value in tree.items():
     if isinstance(value, Mapping):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
+      flat.update(flatten(value, f'{prefix}{key}.'))
     else:
       flat[f'{prefix}{key}'] = value
   return flat
