@@ -1,10 +1,12 @@
-"""Helpers for tests that train: the tiny config, a run's files, scripted val metrics, the main command."""
+"""Helpers for tests that train: the tiny config, a run's files, scripted val metrics, interruptions, `main`."""
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import ml_collections
@@ -12,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import demo
-from covid_jax import metrics
+from covid_jax import metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # The demo's small NASNet made smaller still: the same cell code as NASNetLarge, tiny and fast.
@@ -61,6 +63,20 @@ def script_val_accuracy(monkeypatch: pytest.MonkeyPatch, values: list[float]) ->
     scores = real(outputs, smoothing, prefix)
     return {**scores, 'val_accuracy': script.pop(0)} if prefix == 'val' else scores
   monkeypatch.setattr(metrics, 'split_metrics', scripted)
+
+
+@contextlib.contextmanager
+def interrupted_at_epoch(epoch: int) -> Iterator[None]:
+  """Inside, a run stops with KeyboardInterrupt as epoch `epoch` starts (as a kill between epochs would); it must."""
+  real = train._train_epoch
+
+  def interrupted(trainer, train_fn, train_state, current):
+    if current == epoch:
+      raise KeyboardInterrupt
+    return real(trainer, train_fn, train_state, current)
+  with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+    patch.setattr(train, '_train_epoch', interrupted)
+    yield
 
 
 def main_args(workdir: Path, *overrides: str, devices: int = 1, env_changes: dict[str, str | None] | None = None

@@ -101,8 +101,8 @@ def test_the_start_logs_the_backend_dtype_and_formulations_once(caplog):
   with caplog.at_level(logging.INFO):
     main._settle_backend(config, 'accelerator', gpu)
   lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('Backend')]
-  assert lines == [f'Backend gpu (NVIDIA H100 80GB HBM3): dtype bfloat16, freed host memory returned, formulations '
-                   f'conv=native, pointwise=matmul, depthwise=grouped, pooling=by_overlap, separate_update=False']
+  assert lines == ['Backend gpu (NVIDIA H100 80GB HBM3): dtype bfloat16, freed host memory returned, formulations '
+                   'conv=native, pointwise=matmul, depthwise=grouped, pooling=by_overlap, separate_update=False']
   assert config.dtype == 'bfloat16'
 
 

@@ -83,18 +83,9 @@ def test_resume_reuses_the_cache_and_ends_as_the_uninterrupted_run(built_dataset
                                                                    monkeypatch):
   data_dir, _ = built_dataset
   config = runs.tiny_config(data_dir, **EXACT, **{'head_features.cache': True})
-  real_epoch = train._train_epoch
-
-  def interrupted(trainer, train_fn, train_state, epoch):
-    if epoch == 2:
-      raise KeyboardInterrupt
-    return real_epoch(trainer, train_fn, train_state, epoch)
-
-  monkeypatch.setattr(train, '_train_epoch', interrupted)
   first = BackboneCalls(monkeypatch)
-  with pytest.raises(KeyboardInterrupt):
+  with runs.interrupted_at_epoch(2):
     _head_phase(config, tmp_path)
-  monkeypatch.setattr(train, '_train_epoch', real_epoch)
   whole, whole_history, whole_images = cached_and_uncached[True]
   assert first.images == whole_images
   resumed = BackboneCalls(monkeypatch)

@@ -100,22 +100,13 @@ def test_a_kill_at_any_instant_of_the_saves_resumes_to_the_uninterrupted_report(
   assert not wrong, wrong
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(built_dataset, tmp_path, monkeypatch):
+def test_resume_after_interruption_matches_uninterrupted_run(built_dataset, tmp_path):
   data_dir, _ = built_dataset
   config = runs.tiny_config(data_dir, num_epochs=2)
   whole = train.train_and_evaluate(config, str(tmp_path / 'whole'))
 
-  real_epoch = train._train_epoch
-
-  def interrupted(trainer, train_fn, train_state, epoch):
-    if epoch == 2:
-      raise KeyboardInterrupt
-    return real_epoch(trainer, train_fn, train_state, epoch)
-
-  monkeypatch.setattr(train, '_train_epoch', interrupted)
-  with pytest.raises(KeyboardInterrupt):
+  with runs.interrupted_at_epoch(2):
     train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  monkeypatch.setattr(train, '_train_epoch', real_epoch)
   resumed = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
   assert [r['epoch'] for r in runs.history(tmp_path / 'resumed')] == [1, 2]
   assert resumed == whole

@@ -20,7 +20,7 @@ from flax import traverse_util
 from sklearn import metrics as sk_metrics
 
 from configs import default
-from covid_jax import checkpoints, metrics, model_init, progress, runtime, state, steps, train
+from covid_jax import model_init, progress, runtime, state, steps, train
 from covid_jax.config_checks import validate_config
 from covid_jax.models import conv, depthwise, formulations
 from covid_jax.models.head import FIRST_DENSE
