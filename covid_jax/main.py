@@ -49,8 +49,8 @@ def main(argv: list[str]) -> None:
     raise SystemExit(f'error: {e}') from None
   if jax.process_index() == 0:
     print(reporting.print_metrics_table(result, title=f'test metrics (best epoch {result["best_epoch"]})'))
-    print(f'Run directory: {FLAGS.workdir} (test_metrics.json, training_curves.png, confusion_matrix.png, '
-          'roc_curve.png, prediction_grid.png, tensorboard/)')
+    print(f'Run directory: {FLAGS.workdir} (report.md first; test_metrics.json, predictions/, the plots, '
+          'tensorboard/)')
 
 
 def _settle_backend(config: ml_collections.ConfigDict, expected: str, device: jax.Device) -> None:
