@@ -19,7 +19,7 @@ import dataclasses
 import itertools
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +82,13 @@ def read_run(directory: str | Path) -> Run:
              table['p_covid_calibrated' if calibrated else 'p_covid'].astype(np.float64))
 
 
-def group_runs(runs: Sequence[Run]) -> dict[str, list[Run]]:
-  """Runs whose configs differ only in seed, by backbone name; each group's runs sorted by seed."""
+def group_runs(runs: Sequence[Run], labels: Mapping[Path, str] | None = None) -> dict[str, list[Run]]:
+  """Runs whose configs differ only in seed, each group's runs sorted by seed; named by `labels` (run directory ->
+  name, e.g. the study's config names) where given, else by backbone name."""
   groups: dict[str, list[Run]] = {}
   for run in runs:
     groups.setdefault(json.dumps({k: v for k, v in run.config.items() if k != 'seed'}, sort_keys=True), []).append(run)
-  names = [group[0].config['model']['name'] for group in groups.values()]
+  names = [labels[group[0].directory] if labels else group[0].config['model']['name'] for group in groups.values()]
   named = {}
   for group, name in zip(groups.values(), names):
     if names.count(name) > 1:
@@ -151,15 +152,17 @@ def paired_rows(groups: dict[str, list[Run]], n: int, seed: int) -> list[dict[st
 
 
 def compare_runs(run_dirs: Sequence[str | Path], output_dir: str | Path, seed: int = 0,
-                 bootstrap_samples: int = 1000, grid_size: int = 8) -> list[dict[str, Any]]:
+                 bootstrap_samples: int = 1000, grid_size: int = 8,
+                 labels: Sequence[str] | None = None) -> list[dict[str, Any]]:
   """Writes the comparison of `run_dirs` to `output_dir`, prints its table, and returns its rows.
 
-  `seed` draws the bootstrap resamples and the grid's test images. The rows are comparison.csv's: one per
-  backbone, then the study's reported figures.
+  `seed` draws the bootstrap resamples and the grid's test images; `labels` (one per run directory) names the
+  groups. The rows are comparison.csv's: one per backbone, then the study's reported figures.
   """
   if not run_dirs:
     raise CompareError('no run directories to compare')
-  groups = group_runs([read_run(directory) for directory in run_dirs])
+  runs = [read_run(directory) for directory in run_dirs]
+  groups = group_runs(runs, dict(zip((run.directory for run in runs), labels)) if labels else None)
   rows = [backbone_row(name, runs, bootstrap_samples, seed) for name, runs in groups.items()] + reference_rows()
   paired = paired_rows(groups, bootstrap_samples, seed)
   output_dir = Path(output_dir)

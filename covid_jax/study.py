@@ -98,8 +98,8 @@ def run_study(workdir: Path, configs: Sequence[Path], seeds: Sequence[int], over
   for path, name in zip(configs, run_names(configs)):
     for seed in seeds:
       seeded = [*overrides, f'--config.seed={seed}']
-      plan.append((path, workdir / name / f'seed_{seed}', seeded, load_config(path, seeded)))
-  for index, (path, run_dir, seeded, config) in enumerate(plan, 1):
+      plan.append((name, path, workdir / name / f'seed_{seed}', seeded, load_config(path, seeded)))
+  for index, (_, path, run_dir, seeded, config) in enumerate(plan, 1):
     if _finished(run_dir, config):
       print(f'[{index}/{len(plan)}] {run_dir}: finished, skipped', flush=True)
       continue
@@ -110,8 +110,8 @@ def run_study(workdir: Path, configs: Sequence[Path], seeds: Sequence[int], over
       raise StudyError(f'the run in {run_dir} failed (exit status {status}); fix it and rerun the study, which '
                        'resumes where it stopped')
   from covid_jax import compare  # Its plotting and reading are needed only now.
-  run_dirs = [run_dir for _, run_dir, _, _ in plan]
-  compare.compare_runs(run_dirs, workdir, seed=grid_seed)
+  run_dirs = [run_dir for _, _, run_dir, _, _ in plan]
+  compare.compare_runs(run_dirs, workdir, seed=grid_seed, labels=[name for name, *_ in plan])
   return run_dirs
 
 

@@ -87,3 +87,4 @@ def test_a_study_killed_mid_run_finishes_with_the_same_comparison(built_dataset,
   again = _run(command, env)
   assert again.stdout.count('finished, skipped') == 2
   assert (interrupted / 'comparison.csv').read_text() == (whole / 'comparison.csv').read_text()
+  assert [row.split(',')[0] for row in (whole / 'comparison.csv').read_text().splitlines()[1:3]] == ['tiny_16', 'tiny_8']
