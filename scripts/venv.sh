@@ -17,7 +17,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.requirements.sha256
 # The CPU set's stamp is requirements.txt's digest; an accelerator's covers its file as well.
-want=$(cat requirements.txt "${requirements/#requirements.txt/}" 2>/dev/null | sha256sum | cut -d' ' -f1)
+stamped=(requirements.txt)
+if [ "$requirements" != requirements.txt ]; then
+  stamped+=("$requirements")
+fi
+want=$(cat "${stamped[@]}" | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install --quiet -r "$requirements"
   echo "$want" > "$stamp"
