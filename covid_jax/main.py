@@ -42,7 +42,7 @@ def main(argv: list[str]) -> None:
                jax.local_devices())
   device = jax.devices()[0]
   logging.info('Global devices: %d x %s', jax.device_count(), device.platform)
-  _settle_backend(config, expected, device)
+  _warn_if_unexpected(config, expected, device)
   try:
     result = train.train_and_evaluate(config, FLAGS.workdir)
   except train.USER_ERRORS as e:
@@ -53,16 +53,12 @@ def main(argv: list[str]) -> None:
           'tensorboard/)')
 
 
-def _settle_backend(config: ml_collections.ConfigDict, expected: str, device: jax.Device) -> None:
-  """Resolves the config's 'auto' keys for the devices' platform and logs the backend's choices once."""
-  from covid_jax import model_init  # Loaded already, with train, after TensorFlow's quiet import.
+def _warn_if_unexpected(config: ml_collections.ConfigDict, expected: str, device: jax.Device) -> None:
+  """Host-memory retention was set before the backend started, for the platform expected then: say so if it differs."""
   if (expected == 'cpu') != (device.platform == 'cpu'):
     logging.warning('freed host memory was %s expecting %s, but JAX runs on %s: set '
                     '--config.retain_freed_host_memory to choose', 'kept' if config.retain_freed_host_memory
                     else 'returned', expected, device.platform)
-  runtime.apply_backend_defaults(config, device.platform)
-  chosen = model_init.choose_formulations(config, device.platform)
-  logging.info(runtime.backend_summary(config, device.platform, device.device_kind, chosen))
 
 
 if __name__ == '__main__':

@@ -139,6 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns the test metrics that are also written to `workdir`/test_metrics.json.
   """
   workdir_checks.check_workdir(workdir)
+  settle_backend(config, jax.devices()[0])
   os.makedirs(workdir, exist_ok=True)
   trainer = Trainer(config, workdir)
   try:
@@ -149,6 +150,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return _final_report(trainer)
   finally:
     trainer.checkpoints.close()
+
+
+def settle_backend(config: ml_collections.ConfigDict, device: jax.Device) -> None:
+  """Writes the backend's choices into the config's 'auto' keys, so the run's record and config.json hold the
+  values it uses whatever started it (the command or a notebook), and logs the backend's choices once."""
+  runtime.apply_backend_defaults(config, device.platform)
+  chosen = model_init.choose_formulations(config, device.platform)
+  logging.info(runtime.backend_summary(config, device.platform, device.device_kind, chosen))
 
 
 def _start_or_resume(trainer: Trainer) -> tuple[state.TrainState, Progress]:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import default
-from covid_jax import main, model_init, runtime, steps, train, workdir_checks
+from covid_jax import model_init, runtime, steps, train, workdir_checks
 from tests import runs
 
 
@@ -99,7 +99,7 @@ def test_the_start_logs_the_backend_dtype_and_formulations_once(caplog):
   gpu = types.SimpleNamespace(platform='gpu', device_kind='NVIDIA H100 80GB HBM3')
   config.retain_freed_host_memory = runtime.retains_host_memory(config, 'accelerator')
   with caplog.at_level(logging.INFO):
-    main._settle_backend(config, 'accelerator', gpu)
+    train.settle_backend(config, gpu)
   lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('Backend')]
   assert lines == ['Backend gpu (NVIDIA H100 80GB HBM3): dtype bfloat16, freed host memory returned, formulations '
                    'conv=native, pointwise=matmul, depthwise=grouped, pooling=by_overlap, separate_update=False']

@@ -151,6 +151,9 @@ def test_groups_sharing_a_model_name_are_told_apart(tmp_path):
           _write_run(tmp_path / 'b', 'vgg16', 0, labels, probability, preprocessing='notebook')]
   rows = compare.compare_runs(runs, tmp_path / 'out', bootstrap_samples=10)
   assert [row['backbone'] for row in rows[:2]] == ['vgg16 (preprocessing=keras)', 'vgg16 (preprocessing=notebook)']
+  # The study names its groups after their config files.
+  rows = compare.compare_runs(runs, tmp_path / 'out', bootstrap_samples=10, labels=['vgg16', 'notebook-vgg16'])
+  assert [row['backbone'] for row in rows[:2]] == ['vgg16', 'notebook-vgg16']
 
 
 @pytest.mark.parametrize('damage, match', [

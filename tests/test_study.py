@@ -12,7 +12,7 @@ import pytest
 from covid_jax import study
 from tests import runs
 
-# Two tiny models that differ in their head, as two "backbones".
+# A tiny model; its head's width names it.
 _TINY_CONFIG = '''
 from configs import demo
 from tests import runs
@@ -25,12 +25,10 @@ def get_config():
 '''
 
 
-def _configs(folder: Path) -> list[Path]:
-  paths = []
-  for width in (16, 8):
-    paths.append(folder / f'tiny_{width}.py')
-    paths[-1].write_text(_TINY_CONFIG.format(width=width))
-  return paths
+def _config(folder: Path, width: int = 16) -> Path:
+  path = folder / f'tiny_{width}.py'
+  path.write_text(_TINY_CONFIG.format(width=width))
+  return path
 
 
 def _run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -45,8 +43,7 @@ def _study_command(workdir: Path, configs: list[Path], data_dir: Path, *extra: s
 
 
 def test_arguments_are_checked_before_anything_runs(tmp_path, capsys):
-  config = tmp_path / 'a.py'
-  config.write_text(_TINY_CONFIG.format(width=16))
+  config = _config(tmp_path)
   for argv, phrase in (([f'--configs={tmp_path}/missing.py'], 'config file(s) not found'),
                        ([f'--configs={config}', '--seeds=0,one'], 'comma-separated integers'),
                        ([f'--configs={config}', '--config_seed=1'], 'unrecognised arguments')):
@@ -67,7 +64,7 @@ def test_run_directories_are_named_by_config_and_disambiguated_by_folder():
 @pytest.mark.slow
 def test_a_study_killed_mid_run_finishes_with_the_same_comparison(built_dataset, tmp_path):
   data_dir, _ = built_dataset
-  configs = _configs(tmp_path)
+  configs = [_config(tmp_path)]  # One run to kill and resume is enough; compare's tests cover several groups.
   env = runs.main_args(tmp_path)['env']
   whole = tmp_path / 'whole'
   _run(_study_command(whole, configs, data_dir), env)
@@ -85,6 +82,6 @@ def test_a_study_killed_mid_run_finishes_with_the_same_comparison(built_dataset,
   assert not (interrupted / 'tiny_16' / 'seed_0' / 'test_metrics.json').exists()
   assert 'Resuming from epoch 1' in _run(command, env).stderr
   again = _run(command, env)
-  assert again.stdout.count('finished, skipped') == 2
+  assert again.stdout.count('finished, skipped') == 1
   assert (interrupted / 'comparison.csv').read_text() == (whole / 'comparison.csv').read_text()
-  assert [row.split(',')[0] for row in (whole / 'comparison.csv').read_text().splitlines()[1:3]] == ['tiny_16', 'tiny_8']
+  assert (whole / 'comparison.csv').read_text().splitlines()[1].startswith('tiny_16,')
