@@ -10,6 +10,7 @@ the run's record (`covid_jax.workdir.run_record`: its config and data digest).
 import os
 import shutil
 import sys
+import threading
 from typing import Any
 
 import jax
@@ -20,16 +21,25 @@ STATE, PROGRESS, RUN = 'state', 'progress', 'run'
 WHICH = ('latest', 'best')
 
 
+_closed_loop_callbacks_hidden = False
+
+
 def _hide_closed_loop_callbacks() -> None:
   """Drops the 'Event loop is closed' errors TensorStore reports for reads still pending after one failed.
 
   Orbax closes its event loop on the first error; each pending read then fails to call back into it and
-  reports the error (as an uncaught or an unraisable exception): hundreds of lines that bury the one that matters.
+  reports the error (uncaught in any thread, or unraisable): hundreds of lines that bury the one that matters.
+  Installed once, before the first read.
   """
   def closed_loop(value: BaseException | None) -> bool:
     return isinstance(value, RuntimeError) and str(value) == 'Event loop is closed'
 
+  global _closed_loop_callbacks_hidden
+  if _closed_loop_callbacks_hidden:
+    return
+  _closed_loop_callbacks_hidden = True
   previous_excepthook, previous_unraisablehook = sys.excepthook, sys.unraisablehook
+  previous_threading_excepthook = threading.excepthook
 
   def excepthook(kind: type[BaseException], value: BaseException, traceback: Any) -> None:
     if not closed_loop(value):
@@ -39,7 +49,11 @@ def _hide_closed_loop_callbacks() -> None:
     if not closed_loop(unraisable.exc_value):
       previous_unraisablehook(unraisable)
 
-  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+  def threading_excepthook(failed: Any) -> None:
+    if not closed_loop(failed.exc_value):
+      previous_threading_excepthook(failed)
+
+  sys.excepthook, sys.unraisablehook, threading.excepthook = excepthook, unraisablehook, threading_excepthook
 
 
 def _manager(directory: str) -> ocp.CheckpointManager:
@@ -139,10 +153,11 @@ class RunCheckpoints:
     return self._read(which, self.step(which), {STATE: ocp.args.StandardRestore(abstract_state)})[STATE]
 
   def _read(self, which: str, step: int, items: dict[str, Any]) -> dict[str, Any]:
+    # Before the read: a failed read's pending callbacks may report from other threads at once.
+    _hide_closed_loop_callbacks()
     try:
       return dict(self._managers[which].restore(step, args=ocp.args.Composite(**items)))
     except Exception as e:  # Orbax and TensorStore raise many types; the message names the file.
-      _hide_closed_loop_callbacks()
       raise CorruptCheckpointError(self._corrupt_message(which, step, e)) from None
 
   def _corrupt_message(self, which: str, step: int, error: Exception) -> str:

@@ -98,7 +98,7 @@ def test_the_start_logs_the_backend_dtype_and_formulations_once(caplog):
   config = _config()
   gpu = types.SimpleNamespace(platform='gpu', device_kind='NVIDIA H100 80GB HBM3')
   config.retain_freed_host_memory = runtime.retains_host_memory(config, 'accelerator')
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):  # Whatever verbosity an earlier test left absl at.
     train.settle_backend(config, gpu)
   lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('Backend')]
   assert lines == ['Backend gpu (NVIDIA H100 80GB HBM3): dtype bfloat16, freed host memory returned, formulations '
